@@ -1,0 +1,1 @@
+"""The HTTP edges: one module per dialect, each translating its wire format to the engine."""

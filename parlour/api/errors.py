@@ -1,0 +1,74 @@
+"""The one place that turns core errors into responses, in the shape of the route's dialect."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ..errors import ParlourError, Unauthorized
+
+#: Renders (status, message, code, type, param) as a response body for one dialect.
+Renderer = Callable[[ParlourError], Any]
+
+
+@dataclass(frozen=True)
+class ErrorShape:
+    """Which paths speak a dialect and how that dialect writes errors."""
+
+    matches: Callable[[str], bool]
+    render: Renderer
+
+
+def detail_body(error: ParlourError) -> Any:
+    """FastAPI's own shape: `{"detail": message}`."""
+    return {"detail": error.message}
+
+
+def error_response(request: Request, error: ParlourError) -> Response:
+    """Render `error` for the dialect that owns the request's path."""
+    shapes: list[ErrorShape] = getattr(request.app.state, "error_shapes", [])
+    render = next((s.render for s in shapes if s.matches(request.url.path)), detail_body)
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, Unauthorized) else None
+    return JSONResponse(render(error), status_code=error.status, headers=headers)
+
+
+class _HTTPError(ParlourError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+        self.type = "invalid_request_error"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error through error_response so each dialect keeps its shape."""
+
+    async def on_parlour_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ParlourError)
+        return error_response(request, exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        shapes: list[ErrorShape] = getattr(request.app.state, "error_shapes", [])
+        if not any(s.matches(request.url.path) for s in shapes):
+            return JSONResponse(
+                {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+            )
+        return error_response(request, _HTTPError(exc.status_code, str(exc.detail)))
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        from fastapi.encoders import jsonable_encoder
+
+        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
+    app.add_exception_handler(ParlourError, on_parlour_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -1,0 +1,62 @@
+"""create_app(settings): the app factory; its lifespan builds the store, models and engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from . import __version__
+from .api import health, openai
+from .api.deps import Principal
+from .api.errors import install_error_handlers
+from .engine import Engine
+from .models import ModelRegistry, build_registry
+from .settings import Settings
+from .store.db import Database
+from .store.queries import LOCAL_OWNER
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> FastAPI:
+    """Build the ASGI app; nothing is opened until its lifespan starts."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(settings.resolved_database_url)
+        await db.migrate()
+        registry = models or build_registry(
+            model=settings.model,
+            config=settings.config,
+            strict=settings.strict_models,
+            threads=settings.llama_threads,
+        )
+        engine = Engine(db=db, models=registry)
+        owner_id = await engine.owner_id(LOCAL_OWNER)
+        app.state.settings = settings
+        app.state.db = db
+        app.state.models = registry
+        app.state.engine = engine
+        app.state.local_principal = Principal(owner_id=owner_id, name=LOCAL_OWNER, admin=True)
+        registry.start_loading()
+        try:
+            yield
+        finally:
+            await engine.close()
+            await registry.close()
+            await db.close()
+
+    app = FastAPI(
+        title="parlour",
+        version=__version__,
+        summary="A self-hosted chat server for language models with server-side memory.",
+        lifespan=lifespan,
+    )
+    app.state.error_shapes = [openai.openai_shape()]
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(openai.router)
+    return app

@@ -1,0 +1,80 @@
+"""What the model sees: system prompts, knowledge, then the newest history that fits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .backends.base import Backend, ChatMessage
+from .errors import ContextLengthExceeded
+
+#: Tokens a chat template adds around each message (role markers, separators); an
+#: estimate used to pick a cut point, checked afterwards against the exact render.
+MESSAGE_OVERHEAD = 5
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    """A persisted message with its stored token count."""
+
+    message: ChatMessage
+    token_count: int
+
+
+@dataclass(frozen=True)
+class FittedContext:
+    """The messages to send and how many tokens they take."""
+
+    messages: list[ChatMessage]
+    prompt_tokens: int
+    dropped: int
+
+
+def check_fits(
+    backend: Backend,
+    *,
+    system: Sequence[ChatMessage],
+    new: ChatMessage,
+    reply_budget: int,
+) -> int:
+    """Raise ContextLengthExceeded unless the system prompt and new message fit; return tokens."""
+    needed = backend.prompt_tokens([*system, new])
+    limit = backend.context_length - reply_budget
+    if needed > limit:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {backend.context_length} tokens. "
+            f"The new message needs {needed} tokens plus {reply_budget} reserved for the "
+            "reply. Shorten the message or lower max_tokens.",
+            param="messages",
+        )
+    return needed
+
+
+def fit_context(
+    backend: Backend,
+    *,
+    system: Sequence[ChatMessage],
+    history: Sequence[HistoryItem],
+    new: ChatMessage,
+    reply_budget: int,
+) -> FittedContext:
+    """Keep the newest whole messages of `history` that fit with the system prompt and `new`."""
+    limit = backend.context_length - reply_budget
+    base = check_fits(backend, system=system, new=new, reply_budget=reply_budget)
+    # Walk back from the newest message with estimates, then confirm with the exact
+    # render and drop more if the estimate was short.
+    budget = limit - base
+    start = len(history)
+    used = 0
+    while start > 0:
+        cost = history[start - 1].token_count + MESSAGE_OVERHEAD
+        if used + cost > budget:
+            break
+        used += cost
+        start -= 1
+    while True:
+        messages = [*system, *(h.message for h in history[start:]), new]
+        exact = backend.prompt_tokens(messages)
+        if exact <= limit or start >= len(history):
+            return FittedContext(messages=messages, prompt_tokens=exact, dropped=start)
+        start += 1

@@ -1,0 +1,326 @@
+"""A turn: lock the conversation, persist the user message, fit the context, generate, persist."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+
+from .backends.base import ChatMessage, FinishReason, GenerationParams
+from .context import HistoryItem, check_fits, fit_context
+from .errors import BackendError, InvalidRequest, NotFound, ParlourError
+from .locks import KeyedLocks
+from .models import ModelRegistry
+from .store import queries
+from .store.db import Database
+from .store.tables import Conversation, Message
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TITLE = "New conversation"
+TITLE_LENGTH = 80
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What a request asked for; None leaves the choice to the model's defaults."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    def params(self, max_tokens: int) -> GenerationParams:
+        """Backend parameters with the reply length settled."""
+        return GenerationParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stop,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """One new user message for an existing conversation."""
+
+    owner_id: uuid.UUID
+    conversation_id: uuid.UUID
+    content: str
+    sampling: Sampling = Sampling()
+    #: A model name to use instead of the conversation's own.
+    model: str | None = None
+    #: Replaces the conversation's stored system prompt when given.
+    system_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """How a turn ended, with both persisted messages."""
+
+    conversation: Conversation
+    user_message: Message
+    assistant_message: Message
+    model: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TurnCancelled(ParlourError):
+    """The client went away before the turn started; nothing was written."""
+
+    status = 499
+    code = "cancelled"
+
+
+class TurnStream:
+    """A running turn: iterate it for text deltas, then await result(); cancel() stops it."""
+
+    def __init__(self, engine: Engine, request: TurnRequest) -> None:
+        self._engine = engine
+        self._request = request
+        self._deltas: asyncio.Queue[str | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self._started: asyncio.Future[None] = loop.create_future()
+        self._result: asyncio.Future[TurnResult] = loop.create_future()
+        self._error: ParlourError | None = None
+        self._cancel_requested = False
+        self._interruptible = True
+        self.model: str | None = None
+        self._task = asyncio.create_task(self._run())
+        engine.running.add(self)
+        self._task.add_done_callback(lambda _task: engine.running.discard(self))
+
+    async def started(self) -> None:
+        """Wait until the user message is persisted and generation may begin."""
+        await asyncio.shield(self._started)
+
+    async def result(self) -> TurnResult:
+        """Wait for the turn to end and return it."""
+        return await asyncio.shield(self._result)
+
+    def cancel(self) -> None:
+        """Stop the turn: before it starts nothing is written; during generation the
+        partial reply is kept as `cancelled`."""
+        if self._task.done() or self._cancel_requested:
+            return
+        self._cancel_requested = True
+        if self._interruptible:
+            self._task.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        while True:
+            delta = await self._deltas.get()
+            if delta is None:
+                break
+            yield delta
+        if self._error is not None:
+            raise self._error
+
+    def _fail(self, error: ParlourError) -> None:
+        self._error = error
+        for future in (self._started, self._result):
+            if not future.done():
+                future.set_exception(error)
+                # Retrieved here so an unawaited future never logs a warning.
+                future.exception()
+        self._deltas.put_nowait(None)
+
+    async def _run(self) -> None:
+        try:
+            async with self._engine.locks.hold(self._request.conversation_id):
+                self._interruptible = False
+                await self._turn()
+        except asyncio.CancelledError:
+            self._fail(TurnCancelled("The client went away before the turn started."))
+        except ParlourError as exc:
+            self._fail(exc)
+        except Exception as exc:
+            log.exception("turn failed")
+            self._fail(BackendError(f"The turn failed: {type(exc).__name__}: {exc}"))
+
+    async def _turn(self) -> None:
+        engine, request = self._engine, self._request
+        if self._cancel_requested:
+            raise asyncio.CancelledError
+        async with engine.db.session() as session, session.begin():
+            conversation = await queries.conversation_for_owner(
+                session, request.owner_id, request.conversation_id
+            )
+            if conversation is None:
+                raise NotFound("Conversation not found")
+            model = engine.models.ready_model(request.model or conversation.model_tag)
+            backend = model.backend
+            self.model = model.spec.name
+            system_prompt = (
+                request.system_prompt
+                if request.system_prompt is not None
+                else conversation.system_prompt
+            )
+            system = [ChatMessage("system", system_prompt)] if system_prompt else []
+            new = ChatMessage("user", request.content)
+            budget = request.sampling.max_tokens or min(
+                model.spec.max_tokens, backend.context_length // 2
+            )
+            check_fits(backend, system=system, new=new, reply_budget=budget)
+            if request.system_prompt is not None and request.system_prompt != (
+                conversation.system_prompt
+            ):
+                conversation.system_prompt = request.system_prompt
+            if not conversation.title or conversation.title == DEFAULT_TITLE:
+                title = " ".join(request.content.split())[:TITLE_LENGTH]
+                if title:
+                    conversation.title = title
+            history = await queries.list_messages(session, conversation.id)
+            user_message = await queries.append_message(
+                session,
+                conversation,
+                role="user",
+                content=request.content,
+                token_count=backend.count_tokens(request.content),
+            )
+        fitted = fit_context(
+            backend,
+            system=system,
+            history=[
+                HistoryItem(ChatMessage(m.role, m.content), m.token_count)  # type: ignore[arg-type]
+                for m in history
+                if m.role in ("user", "assistant")
+            ],
+            new=new,
+            reply_budget=budget,
+        )
+        self._started.set_result(None)
+
+        max_tokens = min(budget, backend.context_length - fitted.prompt_tokens)
+        params = request.sampling.params(max(1, max_tokens))
+        pieces: list[str] = []
+        finish: FinishReason = "stop"
+        prompt_tokens, completion_tokens = fitted.prompt_tokens, 0
+        began = time.perf_counter()
+        self._interruptible = True
+        generation = backend.stream(fitted.messages, params, session=str(conversation.id))
+        try:
+            if self._cancel_requested:
+                raise asyncio.CancelledError
+            async for chunk in generation:
+                if chunk.text:
+                    pieces.append(chunk.text)
+                    self._deltas.put_nowait(chunk.text)
+                if chunk.finish_reason is not None:
+                    finish = chunk.finish_reason
+                    prompt_tokens = chunk.prompt_tokens or prompt_tokens
+                    completion_tokens = chunk.completion_tokens
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            finish = "cancelled"
+        except ParlourError as exc:
+            finish = "error"
+            self._error = exc
+        except Exception as exc:
+            log.exception("generation failed")
+            finish = "error"
+            self._error = BackendError(f"Generation failed: {type(exc).__name__}: {exc}")
+        finally:
+            self._interruptible = False
+            await generation.aclose()
+        elapsed_ms = int((time.perf_counter() - began) * 1000)
+        text = "".join(pieces)
+        if finish in ("cancelled", "error"):
+            completion_tokens = backend.count_tokens(text)
+
+        async with engine.db.session() as session, session.begin():
+            assistant = await queries.append_message(
+                session,
+                conversation,
+                role="assistant",
+                content=text,
+                token_count=backend.count_tokens(text),
+                model_tag=model.spec.name,
+                inference_time_ms=elapsed_ms,
+                finish_reason=finish,
+            )
+        self._result.set_result(
+            TurnResult(
+                conversation=conversation,
+                user_message=user_message,
+                assistant_message=assistant,
+                model=model.spec.name,
+                finish_reason=finish,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+            )
+        )
+        self._deltas.put_nowait(None)
+
+
+class Engine:
+    """The shared core every dialect calls: conversations, sessions and turns."""
+
+    def __init__(self, *, db: Database, models: ModelRegistry) -> None:
+        self.db = db
+        self.models = models
+        self.locks = KeyedLocks()
+        self.running: set[TurnStream] = set()
+
+    async def owner_id(self, name: str) -> uuid.UUID:
+        """The id of the owner with this name, created on first use."""
+        async with self.db.session() as session, session.begin():
+            return (await queries.ensure_owner(session, name)).id
+
+    async def session_conversation(
+        self, *, owner_id: uuid.UUID, session_key: str, model: str | None
+    ) -> Conversation:
+        """The conversation bound to a session key, created on first use."""
+        for _ in range(3):
+            async with self.db.session() as session, session.begin():
+                found = await queries.conversation_for_session(session, owner_id, session_key)
+                if found is not None:
+                    return found
+            try:
+                async with self.db.session() as session, session.begin():
+                    return await queries.create_conversation(
+                        session,
+                        owner_id=owner_id,
+                        title=DEFAULT_TITLE,
+                        model_tag=self.models.get(model).spec.name,
+                        session_key=session_key,
+                    )
+            except IntegrityError:
+                continue  # another request created it first; read theirs
+        raise InvalidRequest("Could not open the session; try again.")  # pragma: no cover
+
+    async def reset_session(self, *, owner_id: uuid.UUID, session_key: str) -> None:
+        """Unbind a session key so the next message starts a fresh conversation."""
+        async with self.db.session() as session, session.begin():
+            await session.execute(
+                update(Conversation)
+                .where(Conversation.owner_id == owner_id, Conversation.session_key == session_key)
+                .values(session_key=None)
+            )
+
+    def turn(self, request: TurnRequest) -> TurnStream:
+        """Start a turn in the background and return its handle."""
+        return TurnStream(self, request)
+
+    async def close(self) -> None:
+        """Cancel running turns (their partial replies are kept) and wait for them."""
+        turns = list(self.running)
+        for turn in turns:
+            turn.cancel()
+        await asyncio.gather(*(turn._task for turn in turns), return_exceptions=True)

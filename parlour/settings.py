@@ -1,0 +1,91 @@
+"""One Settings object: defaults, then PARLOUR_* environment variables, then explicit values."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def default_data_dir() -> Path:
+    """Where parlour keeps its database and state when no directory is given."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "parlour"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to start; built once and passed to create_app."""
+
+    host: str = "127.0.0.1"
+    port: int = 8900
+    data_dir: Path = field(default_factory=default_data_dir)
+    database_url: str | None = None
+    model: str | None = None
+    config: Path | None = None
+    insecure: bool = False
+    max_body_bytes: int = 1_000_000
+    strict_models: bool = False
+    llama_threads: int | None = None
+    jwt_secret: str | None = None
+    jwt_public_key: Path | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to SQLite inside the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'parlour.db'}"
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when the server only listens on the local machine."""
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+
+    @property
+    def auth_configured(self) -> bool:
+        """True when some form of token verification is set up."""
+        return bool(self.jwt_secret or self.jwt_public_key)
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Build settings from PARLOUR_* variables, with explicit overrides winning."""
+        source = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name, (var, parse) in ENV_VARS.items():
+            raw = source.get(var)
+            if raw is not None and raw != "":
+                values[name] = parse(raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _bool(raw: str) -> bool:
+    return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+ENV_VARS: dict[str, tuple[str, Any]] = {
+    "host": ("PARLOUR_HOST", str),
+    "port": ("PARLOUR_PORT", int),
+    "data_dir": ("PARLOUR_DATA_DIR", Path),
+    "database_url": ("PARLOUR_DATABASE_URL", str),
+    "model": ("PARLOUR_MODEL", str),
+    "config": ("PARLOUR_CONFIG", Path),
+    "insecure": ("PARLOUR_INSECURE", _bool),
+    "max_body_bytes": ("PARLOUR_MAX_BODY_BYTES", int),
+    "strict_models": ("PARLOUR_STRICT_MODELS", _bool),
+    "llama_threads": ("PARLOUR_LLAMA_THREADS", int),
+    "jwt_secret": ("PARLOUR_JWT_SECRET", str),
+    "jwt_public_key": ("PARLOUR_JWT_PUBLIC_KEY", Path),
+    "jwt_issuer": ("PARLOUR_JWT_ISSUER", str),
+    "jwt_audience": ("PARLOUR_JWT_AUDIENCE", str),
+}

@@ -1,0 +1,1 @@
+"""Persistence: tables, queries and migrations shared by every dialect."""
