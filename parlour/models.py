@@ -180,9 +180,7 @@ class ModelRegistry:
                 model.error = f"{type(exc).__name__}: {exc}"
                 log.exception("loading model %s failed", model.spec.name)
             else:
-                log.info(
-                    "model %s ready in %.2fs", model.spec.name, time.perf_counter() - started
-                )
+                log.info("model %s ready in %.2fs", model.spec.name, time.perf_counter() - started)
 
     async def close(self) -> None:
         """Stop loading and release every backend."""

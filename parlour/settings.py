@@ -55,9 +55,7 @@ class Settings:
         return bool(self.jwt_secret or self.jwt_public_key)
 
     @classmethod
-    def from_env(
-        cls, env: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from PARLOUR_* variables, with explicit overrides winning."""
         source = os.environ if env is None else env
         values: dict[str, Any] = {}

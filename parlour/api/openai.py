@@ -83,17 +83,9 @@ def _text(message: RequestMessage, index: int) -> str:
 def new_turn(body: ChatCompletionRequest) -> tuple[str, str | None]:
     """The user text of the new turn and the system prompt the request sets, if any."""
     messages = body.messages
-    last_assistant = max(
-        (i for i, m in enumerate(messages) if m.role == "assistant"), default=-1
-    )
-    system = [
-        _text(m, i) for i, m in enumerate(messages) if m.role in ("system", "developer")
-    ]
-    users = [
-        _text(m, i)
-        for i, m in enumerate(messages)
-        if i > last_assistant and m.role == "user"
-    ]
+    last_assistant = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
+    system = [_text(m, i) for i, m in enumerate(messages) if m.role in ("system", "developer")]
+    users = [_text(m, i) for i, m in enumerate(messages) if i > last_assistant and m.role == "user"]
     if not users:
         raise InvalidRequest(
             "The new turn has no user message: send at least one message with role 'user' "
@@ -115,9 +107,7 @@ def _sampling(body: ChatCompletionRequest) -> Sampling:
     )
 
 
-def _command_reply(
-    body: ChatCompletionRequest, model: str, text: str
-) -> Response:
+def _command_reply(body: ChatCompletionRequest, model: str, text: str) -> Response:
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:
         return JSONResponse(
@@ -133,8 +123,9 @@ def _command_reply(
         )
 
     async def events() -> AsyncIterator[str]:
-        yield sse.event(chunk(id=cid, created=created, model=model,
-                              delta={"role": "assistant", "content": ""}))
+        yield sse.event(
+            chunk(id=cid, created=created, model=model, delta={"role": "assistant", "content": ""})
+        )
         yield sse.event(chunk(id=cid, created=created, model=model, delta={"content": text}))
         yield sse.event(chunk(id=cid, created=created, model=model, finish_reason="stop"))
         if body.include_usage:
@@ -154,8 +145,9 @@ async def _stream(turn: TurnStream, body: ChatCompletionRequest, model: str) -> 
         )
         try:
             async for delta in turn:
-                yield sse.event(chunk(id=cid, created=created, model=model,
-                                      delta={"content": delta}))
+                yield sse.event(
+                    chunk(id=cid, created=created, model=model, delta={"content": delta})
+                )
         except ParlourError as exc:
             yield sse.event(error_body(exc))
             yield sse.DONE

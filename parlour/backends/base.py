@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -89,7 +89,7 @@ class Backend(ABC):
         params: GenerationParams,
         *,
         session: str | None = None,
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         """Generate a reply. Closing the iterator (aclose) stops generation promptly.
 
         `session` names the conversation so backends can keep per-session state.

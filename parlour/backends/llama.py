@@ -21,7 +21,7 @@ import asyncio
 import codecs
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -229,7 +229,7 @@ class LlamaBackend(Backend):
         params: GenerationParams,
         *,
         session: str | None = None,
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         tokens = self.encode(messages)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
@@ -239,9 +239,7 @@ class LlamaBackend(Backend):
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         async with self._lock:
-            job = loop.run_in_executor(
-                self._executor, self._generate, tokens, params, cancel, emit
-            )
+            job = loop.run_in_executor(self._executor, self._generate, tokens, params, cancel, emit)
             try:
                 while True:
                     item = await queue.get()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from .base import Backend, ChatMessage, Chunk, GenerationParams
@@ -69,7 +69,7 @@ class ScriptedBackend(Backend):
         params: GenerationParams,
         *,
         session: str | None = None,
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         self.calls.append(ScriptedCall(tuple(messages), params, session))
         prompt = self.prompt_tokens(messages)
         text = self.reply_for(messages)
