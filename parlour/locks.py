@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 
 class KeyedLocks:
@@ -30,3 +34,53 @@ class KeyedLocks:
 
     def __len__(self) -> int:
         return len(self._locks)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+def advisory_key(key: uuid.UUID) -> int:
+    """A signed 64-bit PostgreSQL advisory lock id for a conversation id."""
+    return int.from_bytes(key.bytes[:8], "big", signed=True)
+
+
+class AdvisoryLocks:
+    """Per-conversation locks that also hold across processes sharing one PostgreSQL.
+
+    Waiters in this process queue on an in-process lock first, so each process
+    holds at most one database connection per busy conversation. The advisory
+    lock lives on its own connection (not a transaction), so the turn's short
+    write transactions commit normally while the lock stays held; other
+    conversations never wait for it.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.local = KeyedLocks()
+        self.engine: AsyncEngine = create_async_engine(
+            url, pool_size=5, max_overflow=200, pool_pre_ping=True, pool_recycle=1800
+        )
+
+    @asynccontextmanager
+    async def hold(self, key: uuid.UUID) -> AsyncIterator[None]:
+        """Hold the conversation's lock in this process and in the database."""
+        async with self.local.hold(key), self.engine.connect() as conn:
+            ident = advisory_key(key)
+            await conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": ident})
+            await conn.commit()
+            try:
+                yield
+            finally:
+                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": ident})
+                await conn.commit()
+
+    async def close(self) -> None:
+        """Close the lock connections."""
+        await self.engine.dispose()
+
+
+TurnLocks = KeyedLocks | AdvisoryLocks
+
+
+def turn_locks(url: str, *, is_sqlite: bool) -> TurnLocks:
+    """In-process locks for SQLite (one server process); advisory locks for PostgreSQL."""
+    return KeyedLocks() if is_sqlite else AdvisoryLocks(url)

@@ -7,7 +7,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -17,6 +17,8 @@ from sqlalchemy.ext.asyncio import (
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+#: Advisory lock id held while migrating PostgreSQL ("parlour" in ASCII).
+MIGRATION_LOCK = 0x7061726C6F7572
 
 
 def alembic_config(url: str) -> Config:
@@ -78,6 +80,10 @@ class Database:
             command.upgrade(cfg, "head")
 
         async with self.engine.begin() as conn:
+            if not self.is_sqlite:
+                # Several processes may start at once: one migrates, the others wait
+                # and then find the schema current.
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
             await conn.run_sync(upgrade)
 
     async def close(self) -> None:

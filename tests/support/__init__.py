@@ -1,0 +1,1 @@
+"""Programs and helpers that tests run beside parlour."""
