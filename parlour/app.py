@@ -9,9 +9,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from . import __version__
-from .api import health, openai
-from .api.deps import Principal
+from .api import admin, bots, conversations, health, kernel2, openai
 from .api.errors import install_error_handlers
+from .api.security import install_auth
+from .auth import Authenticator, Principal
 from .engine import Engine
 from .models import ModelRegistry, build_registry
 from .settings import Settings
@@ -41,6 +42,9 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
         app.state.models = registry
         app.state.engine = engine
         app.state.local_principal = Principal(owner_id=owner_id, name=LOCAL_OWNER, admin=True)
+        app.state.auth = Authenticator.from_settings(
+            settings, db=db, local=app.state.local_principal
+        )
         registry.start_loading()
         try:
             yield
@@ -55,8 +59,23 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
         summary="A self-hosted chat server for language models with server-side memory.",
         lifespan=lifespan,
     )
-    app.state.error_shapes = [openai.openai_shape()]
+    app.state.error_shapes = [
+        openai.openai_shape(),
+        kernel2.kernel2_shape(),
+        bots.bot_api_shape(),
+    ]
     install_error_handlers(app)
+    install_auth(app)
     app.include_router(health.router)
     app.include_router(openai.router)
+    app.include_router(conversations.router)
+    app.include_router(kernel2.router)
+    app.include_router(bots.router)
+    app.include_router(admin.router)
+    app.include_router(admin.usage_router)
     return app
+
+
+def app_from_env() -> FastAPI:
+    """An app built from PARLOUR_* variables: the factory each `--workers` process runs."""
+    return create_app(Settings.from_env())

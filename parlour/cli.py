@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
+from .cli_admin import bot, kb
 from .settings import Settings
+from .store.db import Database
+
+T = TypeVar("T")
 
 
 def _settings(**options: Any) -> Settings:
@@ -54,6 +61,12 @@ def main() -> None:
     default=None,
     help="Allow listening on a non-loopback address without authentication [PARLOUR_INSECURE].",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Server processes sharing the port; more than 1 needs PostgreSQL [PARLOUR_WORKERS; 1].",
+)
 @click.option("--log-level", default="info", show_default=True, help="Logging level.")
 def serve(log_level: str, **options: Any) -> None:
     """Start the HTTP server."""
@@ -62,13 +75,26 @@ def serve(log_level: str, **options: Any) -> None:
     from .app import create_app
 
     settings = _settings(**options)
-    if not settings.is_loopback and not settings.auth_configured and not settings.insecure:
-        raise click.ClickException(
-            f"Refusing to listen on {settings.host} without authentication: set "
-            "PARLOUR_JWT_SECRET (or PARLOUR_JWT_PUBLIC_KEY), or pass --insecure if this "
-            "network is trusted."
-        )
+    _check_auth(settings)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if settings.workers > 1:
+        if settings.resolved_database_url.startswith("sqlite"):
+            raise click.ClickException(
+                "--workers above 1 needs PostgreSQL: SQLite cannot serialize turns across "
+                "processes. Set --database-url postgresql+asyncpg://… or use one worker."
+            )
+        # Each worker process rebuilds the same settings from the environment.
+        os.environ.update(settings.to_env())
+        uvicorn.run(
+            "parlour.app:app_from_env",
+            factory=True,
+            workers=settings.workers,
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level.lower(),
+            timeout_graceful_shutdown=5,
+        )
+        return
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -76,3 +102,159 @@ def serve(log_level: str, **options: Any) -> None:
         log_level=log_level.lower(),
         timeout_graceful_shutdown=5,
     )
+
+
+def _check_auth(settings: Settings) -> None:
+    """Refuse an unusable JWT key, and a non-loopback address with no auth at all."""
+    from .auth import JwtVerifier, active_keys_exist
+
+    try:
+        verifier = JwtVerifier.from_settings(settings)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if settings.is_loopback or settings.insecure or verifier is not None:
+        return
+    if not _with_db(settings, active_keys_exist):
+        raise click.ClickException(
+            f"Refusing to listen on {settings.host} without authentication: set "
+            "PARLOUR_JWT_SECRET (or PARLOUR_JWT_PUBLIC_KEY), create an API key with "
+            "`parlour key create --owner NAME`, or pass --insecure if this network is trusted."
+        )
+
+
+def _with_db(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
+    """Run `work` on the migrated database that `serve` would use with these settings."""
+
+    async def run() -> T:
+        db = Database(settings.resolved_database_url)
+        try:
+            await db.migrate()
+            return await work(db)
+        finally:
+            await db.close()
+
+    return asyncio.run(run())
+
+
+def _data_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The --data-dir and --database-url options, read like `serve` reads them."""
+    command = click.option(
+        "--database-url",
+        default=None,
+        help="The database `serve` uses [PARLOUR_DATABASE_URL; SQLite in the data directory].",
+    )(command)
+    return click.option(
+        "--data-dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        default=None,
+        help="The data directory `serve` uses [PARLOUR_DATA_DIR; ~/.local/share/parlour].",
+    )(command)
+
+
+@main.group()
+def key() -> None:
+    """Create, list and revoke API keys (bearer tokens stored hashed)."""
+
+
+@key.command("create")
+@click.option("--owner", required=True, help="The owner whose conversations the key reaches.")
+@click.option("--admin", is_flag=True, help="Also allow the admin API under /admin/.")
+@_data_options
+def key_create(owner: str, admin: bool, **options: Any) -> None:
+    """Create a key and print it; it is shown only this once."""
+    from .auth import create_key
+
+    owner = owner.strip()
+    if not owner or len(owner) > 255:
+        raise click.BadParameter("give a name of 1 to 255 characters", param_hint="--owner")
+    new = _with_db(_settings(**options), lambda db: create_key(db, owner=owner, admin=admin))
+    click.echo(new.secret)
+    kind = "admin key" if admin else "key"
+    click.echo(
+        f"Created {kind} {new.info.id} for {owner}. Store it now: it is not shown again.",
+        err=True,
+    )
+
+
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
+
+
+@key.command("list")
+@_data_options
+def key_list(**options: Any) -> None:
+    """List every key (never the secrets)."""
+    from .auth import list_keys
+
+    keys = _with_db(_settings(**options), list_keys)
+    if not keys:
+        click.echo("No API keys. Create one with `parlour key create --owner NAME`.", err=True)
+        return
+    rows = [("ID", "PREFIX", "OWNER", "ADMIN", "CREATED (UTC)", "LAST USED", "STATUS")]
+    rows += [
+        (
+            str(k.id),
+            k.prefix,
+            k.owner,
+            "yes" if k.admin else "no",
+            _when(k.created_at),
+            _when(k.last_used_at),
+            f"revoked {_when(k.revoked_at)}" if k.revoked_at else "active",
+        )
+        for k in keys
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        click.echo("  ".join(cells).rstrip())
+
+
+@key.command("revoke")
+@click.argument("ident", metavar="ID")
+@_data_options
+def key_revoke(ident: str, **options: Any) -> None:
+    """Revoke a key by the id (or prefix) that `parlour key list` shows."""
+    from .auth import revoke_key
+    from .errors import NotFound
+
+    try:
+        info = _with_db(_settings(**options), lambda db: revoke_key(db, ident))
+    except NotFound as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(f"Revoked key {info.id} of {info.owner}.")
+
+
+@main.command()
+@click.option("--sub", required=True, help="The subject: the owner the token acts for.")
+@click.option(
+    "--ttl",
+    type=click.IntRange(min=1),
+    default=3600,
+    show_default=True,
+    help="Seconds until the token expires.",
+)
+def token(sub: str, ttl: int) -> None:
+    """Print a JWT signed with PARLOUR_JWT_SECRET (for development and tests)."""
+    from .auth import mint_token
+
+    settings = Settings.from_env()
+    if not settings.jwt_secret:
+        raise click.ClickException(
+            "Set PARLOUR_JWT_SECRET to sign tokens (the server must use the same secret), or "
+            "use an API key from `parlour key create`."
+        )
+    if not sub.strip() or len(sub) > 255:
+        raise click.BadParameter("give a subject of 1 to 255 characters", param_hint="--sub")
+    click.echo(
+        mint_token(
+            secret=settings.jwt_secret,
+            sub=sub,
+            ttl=ttl,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )
+    )
+
+
+main.add_command(bot)
+main.add_command(kb)

@@ -62,7 +62,7 @@ def fit_context(
     limit = backend.context_length - reply_budget
     base = check_fits(backend, system=system, new=new, reply_budget=reply_budget)
     # Walk back from the newest message with estimates, then confirm with the exact
-    # render and drop more if the estimate was short.
+    # render: drop more if the estimate was short, take more if it was generous.
     budget = limit - base
     start = len(history)
     used = 0
@@ -72,9 +72,17 @@ def fit_context(
             break
         used += cost
         start -= 1
-    while True:
+    messages = [*system, *(h.message for h in history[start:]), new]
+    exact = backend.prompt_tokens(messages)
+    grow = exact <= limit
+    while exact > limit and start < len(history):
+        start += 1
         messages = [*system, *(h.message for h in history[start:]), new]
         exact = backend.prompt_tokens(messages)
-        if exact <= limit or start >= len(history):
-            return FittedContext(messages=messages, prompt_tokens=exact, dropped=start)
-        start += 1
+    while grow and start > 0:
+        wider = [*system, *(h.message for h in history[start - 1 :]), new]
+        tokens = backend.prompt_tokens(wider)
+        if tokens > limit:
+            break
+        messages, exact, start = wider, tokens, start - 1
+    return FittedContext(messages=messages, prompt_tokens=exact, dropped=start)

@@ -8,18 +8,23 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
+from . import usage
 from .backends.base import ChatMessage, FinishReason, GenerationParams
 from .context import HistoryItem, check_fits, fit_context
 from .errors import BackendError, InvalidRequest, NotFound, ParlourError
-from .locks import KeyedLocks
+from .locks import turn_locks
 from .models import ModelRegistry
 from .store import queries
 from .store.db import Database
 from .store.tables import Conversation, Message
+
+if TYPE_CHECKING:
+    from .stateless import CompletionRequest, CompletionStream
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,11 @@ class TurnRequest:
     model: str | None = None
     #: Replaces the conversation's stored system prompt when given.
     system_prompt: str | None = None
+    #: Recorded with the usage figures: the bot used, the end user the request names,
+    #: and the dialect that asked.
+    bot_id: uuid.UUID | None = None
+    user_id: str | None = None
+    dialect: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,7 @@ class TurnStream:
         self._engine = engine
         self._request = request
         self._deltas: asyncio.Queue[str | None] = asyncio.Queue()
+        self._output = asyncio.Event()
         loop = asyncio.get_running_loop()
         self._started: asyncio.Future[None] = loop.create_future()
         self._result: asyncio.Future[TurnResult] = loop.create_future()
@@ -107,6 +118,20 @@ class TurnStream:
     async def started(self) -> None:
         """Wait until the user message is persisted and generation may begin."""
         await asyncio.shield(self._started)
+
+    async def first_output(self) -> None:
+        """Wait for the first text, or the end; raise the turn's error if it failed before any.
+
+        Streaming edges wait for this before sending headers, so an upstream that is
+        down still gets a proper HTTP status instead of an error event.
+        """
+        await self._output.wait()
+        if self._error is not None and self._deltas.qsize() <= 1:
+            raise self._error
+
+    def _emit(self, delta: str | None) -> None:
+        self._deltas.put_nowait(delta)
+        self._output.set()
 
     async def result(self) -> TurnResult:
         """Wait for the turn to end and return it."""
@@ -137,7 +162,7 @@ class TurnStream:
                 future.set_exception(error)
                 # Retrieved here so an unawaited future never logs a warning.
                 future.exception()
-        self._deltas.put_nowait(None)
+        self._emit(None)
 
     async def _run(self) -> None:
         try:
@@ -219,7 +244,7 @@ class TurnStream:
             async for chunk in generation:
                 if chunk.text:
                     pieces.append(chunk.text)
-                    self._deltas.put_nowait(chunk.text)
+                    self._emit(chunk.text)
                 if chunk.finish_reason is not None:
                     finish = chunk.finish_reason
                     prompt_tokens = chunk.prompt_tokens or prompt_tokens
@@ -255,6 +280,16 @@ class TurnStream:
                 inference_time_ms=elapsed_ms,
                 finish_reason=finish,
             )
+            await usage.record(
+                session,
+                owner_id=request.owner_id,
+                bot_id=request.bot_id,
+                model=model.spec.name,
+                user_id=request.user_id,
+                dialect=request.dialect,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+            )
         self._result.set_result(
             TurnResult(
                 conversation=conversation,
@@ -266,7 +301,7 @@ class TurnStream:
                 completion_tokens=completion_tokens,
             )
         )
-        self._deltas.put_nowait(None)
+        self._emit(None)
 
 
 class Engine:
@@ -275,8 +310,8 @@ class Engine:
     def __init__(self, *, db: Database, models: ModelRegistry) -> None:
         self.db = db
         self.models = models
-        self.locks = KeyedLocks()
-        self.running: set[TurnStream] = set()
+        self.locks = turn_locks(db.url, is_sqlite=db.is_sqlite)
+        self.running: set[TurnStream | CompletionStream] = set()
 
     async def owner_id(self, name: str) -> uuid.UUID:
         """The id of the owner with this name, created on first use."""
@@ -288,7 +323,7 @@ class Engine:
     ) -> Conversation:
         """The conversation bound to a session key, created on first use."""
         for _ in range(3):
-            async with self.db.session() as session, session.begin():
+            async with self.db.read() as session, session.begin():
                 found = await queries.conversation_for_session(session, owner_id, session_key)
                 if found is not None:
                     return found
@@ -314,6 +349,12 @@ class Engine:
                 .values(session_key=None)
             )
 
+    def complete(self, request: CompletionRequest) -> CompletionStream:
+        """Start a stateless generation (the client sent the whole history) and return it."""
+        from .stateless import CompletionStream
+
+        return CompletionStream(self, request)
+
     def turn(self, request: TurnRequest) -> TurnStream:
         """Start a turn in the background and return its handle."""
         return TurnStream(self, request)
@@ -324,3 +365,4 @@ class Engine:
         for turn in turns:
             turn.cancel()
         await asyncio.gather(*(turn._task for turn in turns), return_exceptions=True)
+        await self.locks.close()

@@ -95,3 +95,19 @@ class BackendError(ParlourError):
     status = 500
     code = "backend_error"
     type = "server_error"
+
+
+class Forbidden(ParlourError):
+    """The credentials are valid but do not allow this."""
+
+    status = 403
+    code = "forbidden"
+    type = "permission_error"
+
+
+class Conflict(ParlourError):
+    """The request would duplicate something that must be unique."""
+
+    status = 409
+    code = "conflict"
+    type = "invalid_request_error"

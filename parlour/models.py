@@ -207,6 +207,22 @@ def build_backend(spec: ModelSpec, *, threads: int | None = None) -> Backend:
             context_length=spec.context_length,
             threads=spec.threads or threads,
         )
+    if spec.backend == "openai":
+        from .backends.openai import OpenAIBackend
+
+        urls = spec.options.get("base_urls") or spec.options.get("base_url")
+        if isinstance(urls, str):
+            urls = [urls]
+        if not urls or not all(isinstance(u, str) for u in urls):
+            raise ValueError(f"model {spec.name!r}: the openai backend needs base_url or base_urls")
+        return OpenAIBackend(
+            base_urls=urls,
+            model=str(spec.options.get("upstream_model") or spec.name),
+            api_key_env=spec.options.get("api_key_env"),
+            context_length=spec.context_length or 8192,
+            connect_timeout=float(spec.options.get("connect_timeout", 5.0)),
+            read_timeout=float(spec.options.get("read_timeout", 120.0)),
+        )
     raise ValueError(f"model {spec.name!r}: the {spec.backend!r} backend is not available")
 
 

@@ -29,7 +29,10 @@ class Settings:
     model: str | None = None
     config: Path | None = None
     insecure: bool = False
+    workers: int = 1
     max_body_bytes: int = 1_000_000
+    #: Seconds without a token after which kernel2 streams send a `: heartbeat` comment.
+    heartbeat_seconds: float = 10.0
     strict_models: bool = False
     llama_threads: int | None = None
     jwt_secret: str | None = None
@@ -44,6 +47,16 @@ class Settings:
             return self.database_url
         return f"sqlite+aiosqlite:///{self.data_dir / 'parlour.db'}"
 
+    def to_env(self) -> dict[str, str]:
+        """PARLOUR_* variables that rebuild these settings in another process."""
+        env: dict[str, str] = {}
+        for name, (var, _parse) in ENV_VARS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            env[var] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        return env
+
     @property
     def is_loopback(self) -> bool:
         """True when the server only listens on the local machine."""
@@ -51,7 +64,7 @@ class Settings:
 
     @property
     def auth_configured(self) -> bool:
-        """True when some form of token verification is set up."""
+        """True when a JWT key is set; API keys also configure auth, but live in the database."""
         return bool(self.jwt_secret or self.jwt_public_key)
 
     @classmethod
@@ -79,7 +92,9 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "model": ("PARLOUR_MODEL", str),
     "config": ("PARLOUR_CONFIG", Path),
     "insecure": ("PARLOUR_INSECURE", _bool),
+    "workers": ("PARLOUR_WORKERS", int),
     "max_body_bytes": ("PARLOUR_MAX_BODY_BYTES", int),
+    "heartbeat_seconds": ("PARLOUR_HEARTBEAT_SECONDS", float),
     "strict_models": ("PARLOUR_STRICT_MODELS", _bool),
     "llama_threads": ("PARLOUR_LLAMA_THREADS", int),
     "jwt_secret": ("PARLOUR_JWT_SECRET", str),

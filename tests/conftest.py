@@ -2,28 +2,98 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy.engine import make_url
 
 from parlour.app import create_app
 from parlour.backends.scripted import ScriptedBackend
 from parlour.settings import Settings
 
+T = TypeVar("T")
+
+
+#: Run the suite on PostgreSQL: the URL of a server where tests may create databases,
+#: e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/postgres. Unset: SQLite files.
+POSTGRES_ADMIN_URL = os.environ.get("PARLOUR_TEST_POSTGRES_URL", "")
+
+
+def _run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from synchronous code, inside or outside a loop."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def _admin(statement: str) -> None:
+    import asyncpg
+
+    url = make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql")
+    connection = await asyncpg.connect(url.render_as_string(hide_password=False))
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+async def _pg_rows(url: str, sql: str, params: tuple[object, ...]) -> list[Any]:
+    import asyncpg
+
+    parts = sql.split("?")
+    query = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], start=1))
+    plain = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    connection = await asyncpg.connect(plain)
+    try:
+        return list(await connection.fetch(query, *params))
+    finally:
+        await connection.close()
+
+
+@contextmanager
+def fresh_database() -> Iterator[str | None]:
+    """A new empty PostgreSQL database in PostgreSQL mode (dropped afterwards); else None."""
+    if not POSTGRES_ADMIN_URL:
+        yield None
+        return
+    name = f"parlour_test_{uuid.uuid4().hex[:16]}"
+    _run_async(_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        _run_async(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """Settings for an app on a fresh SQLite file with the scripted model."""
-    return Settings(data_dir=tmp_path / "data", model="scripted")
+def database_url() -> Iterator[str | None]:
+    """The test's database URL: a fresh PostgreSQL database, or None for SQLite."""
+    with fresh_database() as url:
+        yield url
+
+
+def server_env(database_url: str | None) -> dict[str, str]:
+    """Environment for a server process that should use the test's database."""
+    return {"PARLOUR_DATABASE_URL": database_url} if database_url else {}
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str | None) -> Settings:
+    """Settings for an app on a fresh database (SQLite or PostgreSQL), scripted model."""
+    return Settings(data_dir=tmp_path / "data", model="scripted", database_url=database_url)
 
 
 @pytest.fixture
@@ -67,11 +137,28 @@ class ServerProcess:
     data_dir: Path
     process: subprocess.Popen[bytes]
     log: Path
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def database(self) -> Path:
         """The SQLite file the server writes."""
         return self.data_dir / "parlour.db"
+
+    @property
+    def database_url(self) -> str | None:
+        """The server's PostgreSQL URL in PostgreSQL mode; None when it uses its SQLite file."""
+        return self.env.get("PARLOUR_DATABASE_URL")
+
+    def rows(self, sql: str, *params: object) -> list[Any]:
+        """Run a query (`?` placeholders) on the server's database; rows index by name."""
+        if self.database_url:
+            return _run_async(_pg_rows(self.database_url, sql, params))
+        connection = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=10)
+        connection.row_factory = sqlite3.Row
+        try:
+            return connection.execute(sql, params).fetchall()
+        finally:
+            connection.close()
 
     def stop(self) -> None:
         """Terminate the server and wait for it."""
@@ -115,7 +202,7 @@ def start_server(
             stderr=subprocess.STDOUT,
             env=environment,
         )
-    server = ServerProcess(f"http://127.0.0.1:{port}", data_dir, process, log)
+    server = ServerProcess(f"http://127.0.0.1:{port}", data_dir, process, log, dict(env or {}))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -131,12 +218,18 @@ def start_server(
 
 
 @pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Start servers that are stopped when the test ends."""
+def server_factory(
+    tmp_path: Path, database_url: str | None
+) -> Iterator[Callable[..., ServerProcess]]:
+    """Start servers (sharing the test's database) that are stopped when the test ends."""
     started: list[ServerProcess] = []
 
     def factory(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
-        server = start_server(tmp_path / f"server{len(started)}", *args, env=env)
+        server = start_server(
+            tmp_path / f"server{len(started)}",
+            *args,
+            env={**server_env(database_url), **(env or {})},
+        )
         started.append(server)
         return server
 
@@ -148,6 +241,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 @pytest.fixture(scope="module")
 def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One real server with the embedded model, shared by a module's tests."""
-    server = start_server(tmp_path_factory.mktemp("model-server"))
-    yield server
-    server.stop()
+    with fresh_database() as url:
+        server = start_server(tmp_path_factory.mktemp("model-server"), env=server_env(url))
+        yield server
+        server.stop()

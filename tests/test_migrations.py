@@ -5,17 +5,24 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import TextClause, Uuid, bindparam, inspect, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.types import TypeEngine
 
 from parlour.store.db import Database, alembic_config
 from parlour.store.tables import UTCDateTime
 
 FIRST_RELEASE = "0001"
-TYPES = {"id": Uuid(), "owner": Uuid(), "conv": Uuid(), "now": UTCDateTime()}
+TYPES: dict[str, TypeEngine[Any]] = {
+    "id": Uuid(),
+    "owner": Uuid(),
+    "conv": Uuid(),
+    "now": UTCDateTime(),
+}
 
 
 def sql(statement: str) -> TextClause:

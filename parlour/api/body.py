@@ -44,10 +44,40 @@ async def read_json(request: Request, limit: int) -> Any:
             f"The request body is not valid UTF-8 (byte {exc.start}).", code="invalid_json"
         ) from exc
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(
             f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} column "
             f"{exc.colno}.",
             code="invalid_json",
         ) from exc
+    except RecursionError:
+        raise InvalidRequest(
+            "The request body nests arrays or objects too deeply; flatten it.",
+            code="invalid_json",
+        ) from None
+    if _has_lone_surrogate(data):
+        # json accepts escapes like "\ud800" that no UTF-8 store or response can hold.
+        raise InvalidRequest(
+            "The request body contains an unpaired surrogate escape (\\ud800-\\udfff); "
+            "send valid Unicode text.",
+            code="invalid_json",
+        )
+    return data
+
+
+def _has_lone_surrogate(data: Any) -> bool:
+    pending = [data]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return False

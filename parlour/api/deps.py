@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import uuid
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends
 from starlette.requests import Request
 
+from ..auth import Authenticator
+from ..auth import Principal as Principal
 from ..engine import Engine
+from ..errors import Forbidden
 from ..models import ModelRegistry
 from ..settings import Settings
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who a request acts for."""
-
-    owner_id: uuid.UUID
-    name: str
-    admin: bool = False
 
 
 def get_engine(request: Request) -> Engine:
@@ -42,12 +34,31 @@ def get_settings(request: Request) -> Settings:
 
 
 async def get_principal(request: Request) -> Principal:
-    """The owner a request acts for: without configured auth, the local owner."""
-    principal: Principal = request.app.state.local_principal
-    return principal
+    """The owner a request acts for, as the auth guard resolved it from the bearer token."""
+    principal = getattr(request.state, "principal", None)
+    if isinstance(principal, Principal):
+        return principal
+    # Reached only on paths the guard lets through; resolve the same way it would.
+    auth: Authenticator = request.app.state.auth
+    resolved = await auth.principal(request.headers.get("authorization"))
+    request.state.principal = resolved
+    return resolved
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
 ModelsDep = Annotated[ModelRegistry, Depends(get_models)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+async def get_admin(principal: PrincipalDep) -> Principal:
+    """The principal, if it may use the admin API (an `--admin` key, or the local owner)."""
+    if not principal.admin:
+        raise Forbidden(
+            "This needs an admin API key; create one with `parlour key create --owner NAME "
+            "--admin`."
+        )
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(get_admin)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -53,6 +54,9 @@ def _session_key(value: str | None) -> str:
             param="x-session-key",
             code="missing_session_key",
         )
+    # The server decodes header bytes as latin-1, but clients such as curl send UTF-8.
+    with contextlib.suppress(UnicodeError):
+        value = value.encode("latin-1").decode("utf-8")
     if len(value) > 256 or not value.isprintable():
         raise InvalidRequest(
             "Invalid x-session-key: use 1 to 256 printable characters.",
@@ -243,6 +247,11 @@ async def chat_completions(
         system_prompt=system_prompt,
     )
     if body.stream:
+        try:
+            await turn.first_output()
+        except BaseException:
+            turn.cancel()
+            raise
         return sse.response(_stream(turn, body, turn.model or model.spec.name))
     return await _complete(turn)
 
@@ -268,6 +277,8 @@ async def start_turn(
             sampling=_sampling(body),
             model=body.model if body.model and engine.models.knows(body.model) else None,
             system_prompt=system_prompt,
+            user_id=body.user,
+            dialect="openai",
         )
     )
     try:

@@ -88,6 +88,10 @@ def _param(loc: tuple[int | str, ...]) -> str:
     return "".join(parts)
 
 
+def _within(param: str, parent: str) -> bool:
+    return param == parent or param.startswith((parent + ".", parent + "["))
+
+
 def parse_request(data: Any) -> ChatCompletionRequest:
     """Validate a decoded body, turning the first problem into a 400 naming its parameter."""
     if not isinstance(data, dict):
@@ -95,7 +99,14 @@ def parse_request(data: Any) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        errors = exc.errors()
+        top = _param(tuple(errors[0]["loc"]))
+        # A union reports one error per member; the deepest is about the member the client
+        # actually sent (a list of parts, say), so "should be a valid string" never hides it.
+        first = max(
+            (e for e in errors if _within(_param(tuple(e["loc"])), top)),
+            key=lambda e: len(e["loc"]),
+        )
         param = _param(tuple(first["loc"]))
         kind = first["type"]
         if kind == "missing":

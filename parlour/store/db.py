@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+READONLY = "parlour_readonly"
 #: Advisory lock id held while migrating PostgreSQL ("parlour" in ASCII).
 MIGRATION_LOCK = 0x7061726C6F7572
 
@@ -43,7 +44,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def _sqlite_begin(conn: Connection) -> None:
     # IMMEDIATE takes the write lock up front: two transactions that read and then
     # write can otherwise deadlock, and SQLite answers that with an error, not a wait.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # Read-only sessions (Database.read) begin DEFERRED and never block writers in WAL.
+    readonly = conn.get_execution_options().get(READONLY, False)
+    conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
 
 class Database:
@@ -66,10 +69,17 @@ class Database:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.read_sessions = async_sessionmaker(
+            self.engine.execution_options(**{READONLY: True}), expire_on_commit=False
+        )
 
     def session(self) -> AsyncSession:
         """A new session; use as `async with db.session() as s, s.begin(): ...`."""
         return self.sessions()
+
+    def read(self) -> AsyncSession:
+        """A session for reads only: on SQLite it does not take the write lock."""
+        return self.read_sessions()
 
     async def migrate(self) -> None:
         """Bring the schema to the newest migration."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -128,3 +128,24 @@ async def append_message(
     conversation.updated_at = now
     await session.flush()
     return message
+
+
+async def list_conversations(
+    session: AsyncSession, owner_id: uuid.UUID, *, limit: int, offset: int = 0
+) -> Sequence[Conversation]:
+    """An owner's conversations, most recently updated first."""
+    query = (
+        select(Conversation)
+        .where(Conversation.owner_id == owner_id)
+        .order_by(Conversation.updated_at.desc(), Conversation.created_at.desc(), Conversation.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return (await session.scalars(query)).all()
+
+
+async def delete_conversation(session: AsyncSession, conversation: Conversation) -> None:
+    """Remove a conversation with all its messages."""
+    await session.execute(delete(Message).where(Message.conversation_id == conversation.id))
+    await session.delete(conversation)
+    await session.flush()
