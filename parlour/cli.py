@@ -28,6 +28,22 @@ def main() -> None:
     """parlour: a self-hosted chat server for language models with server-side memory."""
 
 
+def _model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The --model and --config options, shared by `serve` and `chat`."""
+    command = click.option(
+        "--config",
+        type=click.Path(path_type=Path, dir_okay=False, exists=True),
+        default=None,
+        help="TOML file declaring models [PARLOUR_CONFIG].",
+    )(command)
+    return click.option(
+        "--model",
+        default=None,
+        help="Default model: a configured name, a .gguf path, or `scripted` [PARLOUR_MODEL; "
+        "the embedded SmolLM2-135M-Instruct].",
+    )(command)
+
+
 @main.command()
 @click.option("--host", default=None, help="Address to listen on [PARLOUR_HOST; 127.0.0.1].")
 @click.option("--port", type=int, default=None, help="Port [PARLOUR_PORT; 8900].")
@@ -43,18 +59,7 @@ def main() -> None:
     help="sqlite+aiosqlite:///… or postgresql+asyncpg://… [PARLOUR_DATABASE_URL; SQLite in "
     "the data directory].",
 )
-@click.option(
-    "--model",
-    default=None,
-    help="Default model: a configured name, a .gguf path, or `scripted` [PARLOUR_MODEL; the "
-    "embedded SmolLM2-135M-Instruct].",
-)
-@click.option(
-    "--config",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    default=None,
-    help="TOML file declaring models [PARLOUR_CONFIG].",
-)
+@_model_options
 @click.option(
     "--insecure",
     is_flag=True,
@@ -254,6 +259,38 @@ def token(sub: str, ttl: int) -> None:
             audience=settings.jwt_audience,
         )
     )
+
+
+@main.command()
+@click.option(
+    "--session",
+    "session_key",
+    default=None,
+    metavar="KEY",
+    help="The session to continue, as an x-session-key of the local owner [cli:<user name>].",
+)
+@click.option(
+    "--bot",
+    "bot_ref",
+    default=None,
+    metavar="SLUG",
+    help="Chat with a bot: its system prompt, model, settings and knowledge apply.",
+)
+@_data_options
+@_model_options
+def chat(session_key: str | None, bot_ref: str | None, **options: Any) -> None:
+    """Chat in the terminal through the same engine and store as `serve`, no server needed.
+
+    /new starts a fresh conversation, /help lists the commands, /exit or Ctrl-D quits.
+    """
+    from .terminal import chat as run_chat
+    from .terminal import check_session_key, default_session_key
+
+    key = check_session_key(session_key if session_key is not None else default_session_key())
+    try:
+        asyncio.run(run_chat(_settings(**options), session_key=key, bot_ref=bot_ref))
+    except KeyboardInterrupt:
+        click.echo("", err=True)
 
 
 main.add_command(bot)

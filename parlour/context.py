@@ -5,12 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from . import knowledge
 from .backends.base import Backend, ChatMessage
 from .errors import ContextLengthExceeded
+from .knowledge import Hit
 
 #: Tokens a chat template adds around each message (role markers, separators); an
-#: estimate used to pick a cut point, checked afterwards against the exact render.
-MESSAGE_OVERHEAD = 5
+#: estimate used to pick a cut point, checked afterwards against the exact render. SmolLM2's
+#: template frames an assistant message with 6 (`<|im_start|>`, `ass`, `istant`, a newline,
+#: `<|im_end|>`, a newline); user and system take 5. Erring high keeps the estimate from
+#: undercounting a long history.
+MESSAGE_OVERHEAD = 6
 
 
 @dataclass(frozen=True)
@@ -86,3 +91,45 @@ def fit_context(
             break
         messages, exact, start = wider, tokens, start - 1
     return FittedContext(messages=messages, prompt_tokens=exact, dropped=start)
+
+
+def system_prompt(parts: Sequence[str], hits: Sequence[Hit] = ()) -> str:
+    """The system prompt: its parts, then retrieved chunks under `Reference knowledge:`."""
+    sections = [p.strip() for p in parts if p.strip()]
+    if hits:
+        sections.append(knowledge.reference_block(hits))
+    return "\n\n".join(sections)
+
+
+def system_messages(parts: Sequence[str], hits: Sequence[Hit] = ()) -> list[ChatMessage]:
+    """The system prompt as the messages to send: none when it is empty."""
+    prompt = system_prompt(parts, hits)
+    return [ChatMessage("system", prompt)] if prompt else []
+
+
+def fit_with_knowledge(
+    backend: Backend,
+    *,
+    parts: Sequence[str],
+    hits: Sequence[Hit],
+    history: Sequence[HistoryItem],
+    new: ChatMessage,
+    reply_budget: int,
+) -> tuple[FittedContext, int]:
+    """Fit the context with as many retrieved chunks as fit (the weakest dropped first);
+    return it with the number of chunks kept."""
+    for keep in range(len(hits), -1, -1):
+        try:
+            fitted = fit_context(
+                backend,
+                system=system_messages(parts, hits[:keep]),
+                history=history,
+                new=new,
+                reply_budget=reply_budget,
+            )
+        except ContextLengthExceeded:
+            if keep == 0:
+                raise
+            continue
+        return fitted, keep
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -7,21 +7,21 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
-from . import usage
+from . import bots, knowledge, usage
 from .backends.base import ChatMessage, FinishReason, GenerationParams
-from .context import HistoryItem, check_fits, fit_context
+from .context import HistoryItem, check_fits, fit_with_knowledge, system_messages
 from .errors import BackendError, InvalidRequest, NotFound, ParlourError
 from .locks import turn_locks
-from .models import ModelRegistry
+from .models import LoadedModel, ModelRegistry
 from .store import queries
 from .store.db import Database
-from .store.tables import Conversation, Message
+from .store.tables import Bot, Conversation, Message
 
 if TYPE_CHECKING:
     from .stateless import CompletionRequest, CompletionStream
@@ -55,6 +55,49 @@ class Sampling:
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
         )
+
+    def with_bot(self, bot: Bot | None) -> Sampling:
+        """These settings with a bot's temperature and max tokens winning where it sets them."""
+        if bot is None:
+            return self
+        return replace(
+            self,
+            temperature=bot.temperature if bot.temperature is not None else self.temperature,
+            max_tokens=bot.max_tokens or self.max_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class TurnPlan:
+    """What a turn uses: its model, system prompt parts, sampling and reply budget."""
+
+    model: LoadedModel
+    system: tuple[str, ...]
+    sampling: Sampling
+    budget: int
+    new: ChatMessage
+
+
+def plan_turn(
+    models: ModelRegistry,
+    *,
+    content: str,
+    model: str | None,
+    bot: Bot | None,
+    system_prompt: str | None,
+    sampling: Sampling,
+) -> TurnPlan:
+    """Settle a turn's model, system prompt (the bot's, then the conversation's) and sampling
+    (the bot's model and settings win, as on the stateless path); raise
+    ContextLengthExceeded unless the new message fits."""
+    chosen = models.ready_model((bot.model if bot is not None and bot.model else None) or model)
+    sampling = sampling.with_bot(bot)
+    system = tuple(bots.system_parts(bot, [system_prompt] if system_prompt else []))
+    backend = chosen.backend
+    budget = sampling.max_tokens or min(chosen.spec.max_tokens, backend.context_length // 2)
+    new = ChatMessage("user", content)
+    check_fits(backend, system=system_messages(system), new=new, reply_budget=budget)
+    return TurnPlan(model=chosen, system=system, sampling=sampling, budget=budget, new=new)
 
 
 @dataclass(frozen=True)
@@ -187,20 +230,26 @@ class TurnStream:
             )
             if conversation is None:
                 raise NotFound("Conversation not found")
-            model = engine.models.ready_model(request.model or conversation.model_tag)
-            backend = model.backend
+            bot = await session.get(Bot, conversation.bot_id) if conversation.bot_id else None
+            plan = plan_turn(
+                engine.models,
+                content=request.content,
+                model=request.model or conversation.model_tag,
+                bot=bot,
+                system_prompt=(
+                    request.system_prompt
+                    if request.system_prompt is not None
+                    else conversation.system_prompt
+                ),
+                sampling=request.sampling,
+            )
+            model, backend, new, budget = plan.model, plan.model.backend, plan.new, plan.budget
             self.model = model.spec.name
-            system_prompt = (
-                request.system_prompt
-                if request.system_prompt is not None
-                else conversation.system_prompt
+            hits = (
+                await knowledge.retrieve(session, request.content, kb_id=bot.kb_id)
+                if bot is not None and bot.enable_l0_retrieval
+                else []
             )
-            system = [ChatMessage("system", system_prompt)] if system_prompt else []
-            new = ChatMessage("user", request.content)
-            budget = request.sampling.max_tokens or min(
-                model.spec.max_tokens, backend.context_length // 2
-            )
-            check_fits(backend, system=system, new=new, reply_budget=budget)
             if request.system_prompt is not None and request.system_prompt != (
                 conversation.system_prompt
             ):
@@ -217,9 +266,10 @@ class TurnStream:
                 content=request.content,
                 token_count=backend.count_tokens(request.content),
             )
-        fitted = fit_context(
+        fitted, _kept = fit_with_knowledge(
             backend,
-            system=system,
+            parts=plan.system,
+            hits=hits,
             history=[
                 HistoryItem(ChatMessage(m.role, m.content), m.token_count)  # type: ignore[arg-type]
                 for m in history
@@ -231,7 +281,7 @@ class TurnStream:
         self._started.set_result(None)
 
         max_tokens = min(budget, backend.context_length - fitted.prompt_tokens)
-        params = request.sampling.params(max(1, max_tokens))
+        params = plan.sampling.params(max(1, max_tokens))
         pieces: list[str] = []
         finish: FinishReason = "stop"
         prompt_tokens, completion_tokens = fitted.prompt_tokens, 0
@@ -283,7 +333,7 @@ class TurnStream:
             await usage.record(
                 session,
                 owner_id=request.owner_id,
-                bot_id=request.bot_id,
+                bot_id=request.bot_id or (bot.uid if bot is not None else None),
                 model=model.spec.name,
                 user_id=request.user_id,
                 dialect=request.dialect,
@@ -319,22 +369,58 @@ class Engine:
             return (await queries.ensure_owner(session, name)).id
 
     async def session_conversation(
-        self, *, owner_id: uuid.UUID, session_key: str, model: str | None
+        self,
+        *,
+        owner_id: uuid.UUID,
+        session_key: str,
+        model: str | None,
+        bot_id: uuid.UUID | None = None,
+        content: str | None = None,
+        system_prompt: str | None = None,
+        sampling: Sampling = Sampling(),
     ) -> Conversation:
-        """The conversation bound to a session key, created on first use."""
+        """The conversation bound to a session key, created on first use.
+
+        With `bot_id` the conversation uses that bot from now on. With `content` (the first
+        message, with its `system_prompt` and `sampling`) a new conversation is only created
+        once that message is known to fit, so a rejected message leaves no empty conversation.
+        """
         for _ in range(3):
             async with self.db.read() as session, session.begin():
                 found = await queries.conversation_for_session(session, owner_id, session_key)
-                if found is not None:
-                    return found
+                bot = await session.get(Bot, bot_id) if bot_id is not None else None
+            if bot_id is not None and bot is None:
+                raise NotFound("Bot not found; `parlour bot list` shows the bots.")
+            if found is not None:
+                if bot_id is not None and found.bot_id != bot_id:
+                    async with self.db.session() as session, session.begin():
+                        await session.execute(
+                            update(Conversation)
+                            .where(Conversation.id == found.id)
+                            .values(bot_id=bot_id)
+                        )
+                    found.bot_id = bot_id
+                return found
+            if content is not None:
+                plan_turn(
+                    self.models,
+                    content=content,
+                    model=model,
+                    bot=bot,
+                    system_prompt=system_prompt,
+                    sampling=sampling,
+                )
             try:
                 async with self.db.session() as session, session.begin():
                     return await queries.create_conversation(
                         session,
                         owner_id=owner_id,
                         title=DEFAULT_TITLE,
-                        model_tag=self.models.get(model).spec.name,
+                        model_tag=self.models.get(
+                            (bot.model if bot is not None and bot.model else None) or model
+                        ).spec.name,
                         session_key=session_key,
+                        bot_id=bot_id,
                     )
             except IntegrityError:
                 continue  # another request created it first; read theirs

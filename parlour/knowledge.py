@@ -366,3 +366,16 @@ def reference_block(hits: Sequence[Hit]) -> str:
     for i, hit in enumerate(hits, start=1):
         lines.append(f"[{i}] ({hit.source}) {hit.content}")
     return "\n\n".join(lines)
+
+
+async def retrieve(session: AsyncSession, query: str, *, kb_id: uuid.UUID | None) -> list[Hit]:
+    """L0 retrieval: the relevant chunks of a knowledge base (else the default one) for a
+    user message; empty when there is no such knowledge base or nothing relevant."""
+    if not query.strip():
+        return []
+    if kb_id is None:
+        default = await find_kb(session, DEFAULT_KB)
+        if default is None:
+            return []
+        kb_id = default.id
+    return relevant(await search(session, kb_id, query, limit=RETRIEVAL_LIMIT))

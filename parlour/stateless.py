@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import knowledge, usage
-from .backends.base import Backend, ChatMessage, FinishReason
-from .context import FittedContext, HistoryItem, fit_context
+from .backends.base import ChatMessage, FinishReason
+from .context import HistoryItem, fit_with_knowledge
 from .engine import Sampling, TurnCancelled
-from .errors import BackendError, ContextLengthExceeded, InvalidRequest, ParlourError
+from .errors import BackendError, InvalidRequest, ParlourError
 from .knowledge import Hit
 
 if TYPE_CHECKING:
@@ -59,14 +59,6 @@ class CompletionResult:
     prompt_tokens: int
     completion_tokens: int
     knowledge: tuple[Hit, ...] = ()
-
-
-def system_prompt(parts: Sequence[str], hits: Sequence[Hit]) -> str:
-    """The system prompt: its parts, then the retrieved chunks under `Reference knowledge:`."""
-    sections = [p.strip() for p in parts if p.strip()]
-    if hits:
-        sections.append(knowledge.reference_block(hits))
-    return "\n\n".join(sections)
 
 
 def last_user_text(messages: Sequence[ChatMessage]) -> str:
@@ -149,37 +141,12 @@ class CompletionStream:
 
     async def _retrieve(self) -> list[Hit]:
         request = self._request
-        query = last_user_text(request.messages)
-        if not request.retrieval or not query.strip():
+        if not request.retrieval:
             return []
         async with self._engine.db.read() as session, session.begin():
-            kb_id = request.knowledge_base_id
-            if kb_id is None:
-                default = await knowledge.find_kb(session, knowledge.DEFAULT_KB)
-                kb_id = default.id if default is not None else None
-            if kb_id is None:
-                return []
-            hits = await knowledge.search(session, kb_id, query, limit=knowledge.RETRIEVAL_LIMIT)
-        return knowledge.relevant(hits)
-
-    def _fit(self, backend: Backend, hits: list[Hit], reserve: int) -> tuple[FittedContext, int]:
-        """Fit the context, dropping retrieved chunks (weakest first) before giving up."""
-        request = self._request
-        *earlier, new = request.messages
-        history = [HistoryItem(m, backend.count_tokens(m.content)) for m in earlier]
-        for keep in range(len(hits), -1, -1):
-            prompt = system_prompt(request.system, hits[:keep])
-            system = [ChatMessage("system", prompt)] if prompt else []
-            try:
-                fitted = fit_context(
-                    backend, system=system, history=history, new=new, reply_budget=reserve
-                )
-            except ContextLengthExceeded:
-                if keep == 0:
-                    raise
-                continue
-            return fitted, keep
-        raise AssertionError("unreachable")  # pragma: no cover
+            return await knowledge.retrieve(
+                session, last_user_text(request.messages), kb_id=request.knowledge_base_id
+            )
 
     async def _complete(self) -> None:
         engine, request = self._engine, self._request
@@ -195,7 +162,15 @@ class CompletionStream:
         # Keep at least half the window for the conversation; the reply may still use
         # whatever room is left after it.
         reserve = min(requested, max(1, backend.context_length // 2))
-        fitted, kept = self._fit(backend, hits, reserve)
+        *earlier, new = request.messages
+        fitted, kept = fit_with_knowledge(
+            backend,
+            parts=request.system,
+            hits=hits,
+            history=[HistoryItem(m, backend.count_tokens(m.content)) for m in earlier],
+            new=new,
+            reply_budget=reserve,
+        )
         hits = hits[:kept]
         if self._cancel_requested:
             raise asyncio.CancelledError

@@ -70,7 +70,7 @@ def completion_request(owner_id: Any, bot: Bot, body: BotChatRequest) -> Complet
         owner_id=owner_id,
         messages=tuple(history),
         system=tuple(bots.system_parts(bot, [*system, *instructions(body)])),
-        sampling=Sampling(max_tokens=bot.max_tokens, temperature=bot.temperature),
+        sampling=Sampling().with_bot(bot),
         model=bot.model,
         retrieval=bot.enable_l0_retrieval,
         knowledge_base_id=bot.kb_id,

@@ -25,6 +25,7 @@ from .body import read_json
 from .deps import EngineDep, PrincipalDep, SettingsDep
 from .errors import ErrorShape
 from .openai_protocol import ContentPart, Wire, usage
+from .schema import json_request_body
 
 router = APIRouter(tags=["second me"])
 
@@ -133,42 +134,19 @@ def completion_request(
     if role is not None:
         system = [role.system_prompt]
         retrieval = role.enable_l0_retrieval
-        if role.temperature is not None:
-            temperature = role.temperature
-        max_tokens = role.max_tokens or max_tokens
     else:
         retrieval = bool(metadata.enable_l0_retrieval)
     return CompletionRequest(
         owner_id=owner_id,
         messages=tuple(history),
         system=tuple(system),
-        sampling=Sampling(max_tokens=max_tokens, temperature=temperature),
+        sampling=Sampling(max_tokens=max_tokens, temperature=temperature).with_bot(role),
         model=(role.model if role is not None and role.model else None) or body.model,
         retrieval=retrieval,
         knowledge_base_id=role.kb_id if role is not None else None,
         bot_id=role.uid if role is not None else None,
         dialect="kernel2",
     )
-
-
-def inline_schema(model: type[Wire]) -> dict[str, Any]:
-    """A model's JSON schema with its `$defs` written in place, so it can sit anywhere in
-    the OpenAPI document (a `#/$defs/…` reference would point at the document's root)."""
-    schema = model.model_json_schema()
-    defs: dict[str, Any] = schema.pop("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return resolve(defs[ref.removeprefix("#/$defs/")])
-            return {key: resolve(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [resolve(item) for item in node]
-        return node
-
-    resolved: dict[str, Any] = resolve(schema)
-    return resolved
 
 
 def fingerprint(model: str) -> str:
@@ -257,12 +235,7 @@ async def _role(engine: Engine, role_id: str | None) -> Bot | None:
 @router.post(
     f"{PREFIX}/chat",
     summary="Second Me chat: stateless, OpenAI-compatible, streaming by default.",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": inline_schema(Kernel2Request)}},
-        }
-    },
+    openapi_extra=json_request_body(Kernel2Request),
     responses={
         200: {
             "description": "An event stream of chat.completion.chunk objects ending with "

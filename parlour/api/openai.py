@@ -27,6 +27,7 @@ from .openai_protocol import (
     parse_request,
     usage,
 )
+from .schema import json_request_body
 
 router = APIRouter(tags=["openai"])
 
@@ -196,18 +197,10 @@ async def _complete(turn: TurnStream) -> Response:
     )
 
 
-REQUEST_SCHEMA: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
-    }
-}
-
-
 @router.post(
     "/v1/chat/completions",
     summary="Chat with server-side history: send only the new message with x-session-key.",
-    openapi_extra=REQUEST_SCHEMA,
+    openapi_extra=json_request_body(ChatCompletionRequest),
     responses={
         200: {
             "description": "A chat.completion object, or with stream=true an event stream of "
@@ -266,15 +259,21 @@ async def start_turn(
     system_prompt: str | None,
 ) -> TurnStream:
     """Open (or create) the session's conversation and start a turn on it."""
+    sampling = _sampling(body)
     conversation = await engine.session_conversation(
-        owner_id=owner_id, session_key=session_key, model=body.model
+        owner_id=owner_id,
+        session_key=session_key,
+        model=body.model,
+        content=content,
+        system_prompt=system_prompt,
+        sampling=sampling,
     )
     turn = engine.turn(
         TurnRequest(
             owner_id=owner_id,
             conversation_id=conversation.id,
             content=content,
-            sampling=_sampling(body),
+            sampling=sampling,
             model=body.model if body.model and engine.models.knows(body.model) else None,
             system_prompt=system_prompt,
             user_id=body.user,

@@ -59,6 +59,7 @@ async def create_conversation(
     title: str,
     model_tag: str,
     session_key: str | None = None,
+    bot_id: uuid.UUID | None = None,
 ) -> Conversation:
     """Insert a new conversation and return it."""
     now = utcnow()
@@ -67,6 +68,7 @@ async def create_conversation(
         title=title,
         model_tag=model_tag,
         session_key=session_key,
+        bot_id=bot_id,
         created_at=now,
         updated_at=now,
     )

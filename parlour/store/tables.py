@@ -77,6 +77,10 @@ class Conversation(Base):
     model_tag: Mapped[str] = mapped_column(String(255))
     session_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
     system_prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: The bot whose system prompt, model settings and knowledge every turn applies.
+    bot_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("bots.uid", ondelete="SET NULL"), nullable=True
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
