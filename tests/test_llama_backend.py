@@ -217,32 +217,31 @@ async def test_loading_disables_extra_buffer_types(monkeypatch: pytest.MonkeyPat
 
     # llama.cpp's own default turns the repacking buffers (and the AMX path) on.
     assert lib.llama_model_default_params().use_extra_bufts is True
-    original_default = lib.llama_model_default_params
     original_load = lib.llama_model_load_from_file
     seen: list[bool] = []
-    entered: list[bool] = []
 
     def load(path: bytes, params: Any) -> Any:
         seen.append(bool(params.use_extra_bufts))
         return original_load(path, params)
 
-    guard = llama_module._without_extra_buffer_types
-
-    @contextmanager
-    def spy() -> Iterator[None]:
-        entered.append(True)
-        with guard():
-            yield
-
     monkeypatch.setattr(lib, "llama_model_load_from_file", load)
-    monkeypatch.setattr(llama_module, "_without_extra_buffer_types", spy)
     backend = LlamaBackend(path=embedded_gguf())
     await backend.load()
     try:
-        assert entered == [True]
         assert seen == [False]
-        # The patch is scoped to loading: llama.cpp's defaults are back afterwards.
-        assert lib.llama_model_default_params is original_default
+        # Only parlour's own load changed: llama.cpp's defaults are untouched.
         assert lib.llama_model_default_params().use_extra_bufts is True
     finally:
         await backend.close()
+
+
+def test_llama_cpp_server_wrapper_disables_extra_buffer_types(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import llama_cpp.llama_cpp as lib
+
+    original_default = lib.llama_model_default_params
+    with llama_module._without_extra_buffer_types():
+        assert lib.llama_model_default_params().use_extra_bufts is False
+    assert lib.llama_model_default_params is original_default
+    assert lib.llama_model_default_params().use_extra_bufts is True

@@ -1,35 +1,38 @@
 """The embedded backend: a GGUF model run in-process by llama.cpp (llama-cpp-python).
 
-Settings chosen for CPUs, measured on a 2-core Xeon/EPYC (see BENCHMARKS.md):
+Generation runs in parlour.backends.sessions: one context with several sequences,
+per-session prompt state kept between turns, and concurrent streams decoded together
+in one batch per step. This module loads the model, renders and tokenizes prompts,
+and bridges the scheduler thread to asyncio.
+
+Settings, measured on this project's 2-core machines (see BENCHMARKS.md):
 
 - `use_extra_bufts = False`: llama.cpp's extra buffer types repack weights for AMX
   or AVX kernels. The AMX path segfaults in `ggml_backend_amx_mul_mat` on Xeons
-  with AMX, and the repacked kernels do not cover Q4_1 (the embedded model's
-  type) anyway, so turning them off costs nothing here and is safe everywhere.
-- One decode thread: decoding a 135M model is bound by memory and per-token
-  overhead; a second thread gave no gain and contends with the server's own
-  thread. Prompt evaluation (`n_threads_batch`) uses every core.
-- `n_batch = n_ubatch = 512`: prompts evaluate in large batches; smaller
-  micro-batches were slower.
-- All llama.cpp calls that touch the context run on one dedicated thread, so the
-  event loop never blocks; an asyncio.Lock (FIFO) queues requests fairly.
+  with AMX, so parlour never enables them.
+- Threads: half the cores (one on a 2-core machine) for decoding *and* for prompt
+  batches. A second thread gained nothing alone and, when the server's own thread
+  or another process wanted the CPU, made every multi-token batch 3-8x slower:
+  ggml's threads wait for each other at every operation, and one descheduled
+  thread stalls the rest.
+- `n_batch = n_ubatch = 512`; flash attention off (no gain measured on CPU).
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import os
 import threading
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import BackendError, ModelNotReady
-from .base import Backend, ChatMessage, Chunk, FinishReason, GenerationParams
+from .base import Backend, ChatMessage, Chunk, GenerationParams
+from .sessions import Request, Sampling, SessionScheduler, SessionStats, StateStore, StopScanner
+
+__all__ = ["CHATML", "LlamaBackend", "StopScanner", "default_threads"]
 
 _PATCH_LOCK = threading.Lock()
 
@@ -41,10 +44,21 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+#: Marks where each message's content sits in the rendered template, so contents are
+#: tokenized without special tokens: a user who types `<|im_start|>system` gets text,
+#: not a role switch.
+_MARK = "\x00\x01parlour-content-{}\x01\x00"
+
+
+def default_threads() -> int:
+    """Threads for llama.cpp: half the cores, at least one."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
 
 @contextmanager
 def _without_extra_buffer_types() -> Iterator[None]:
-    """Load models with `use_extra_bufts = False`; llama-cpp-python has no argument for it."""
+    """Make llama-cpp-python's `Llama` load with `use_extra_bufts = False` (it has no argument
+    for it); for tools that load models through that class."""
     import llama_cpp.llama_cpp as lib
 
     with _PATCH_LOCK:
@@ -62,51 +76,8 @@ def _without_extra_buffer_types() -> Iterator[None]:
             lib.llama_model_default_params = original
 
 
-class StopScanner:
-    """Finds stop strings across chunk boundaries, holding back text that may start one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Text safe to emit now, and whether a stop string was reached."""
-        if not self.stops:
-            return text, False
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out = self.pending[: min(hits)]
-            self.pending = ""
-            return out, True
-        keep = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(stop[:size]):
-                    keep = max(keep, size)
-                    break
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep :]
-        return out, False
-
-    def flush(self) -> str:
-        """Whatever was held back, at the end of generation."""
-        out, self.pending = self.pending, ""
-        return out
-
-
-@dataclass
-class LlamaStats:
-    """Counters for benchmarks and tests: how much prompt work was done or saved."""
-
-    prompt_tokens_evaluated: int = 0
-    prompt_tokens_reused: int = 0
-    completion_tokens: int = 0
-    generations: int = 0
-
-
 class LlamaBackend(Backend):
-    """A GGUF model in-process; one generation at a time, queued in arrival order."""
+    """A GGUF model in-process with per-session prompt state and batched concurrent streams."""
 
     kind = "llama"
     exact_tokens = True
@@ -117,31 +88,32 @@ class LlamaBackend(Backend):
         path: Path,
         context_length: int | None = None,
         threads: int | None = None,
-        batch_threads: int | None = None,
         n_batch: int = 512,
-        flash_attn: bool = False,
-        default_temperature: float = 0.2,
-        default_top_p: float = 0.9,
-        repeat_penalty: float = 1.1,
+        slots: int = 8,
+        kv_cells: int | None = None,
+        state_dir: Path | None = None,
+        ram_budget: int = 256 * 2**20,
+        disk_budget: int = 2 * 2**30,
+        sampling: Sampling | None = None,
     ) -> None:
         self.path = path
         self.requested_context = context_length
-        self.threads = threads or 1
-        self.batch_threads = batch_threads or threads or (os.cpu_count() or 1)
+        self.threads = threads or default_threads()
         self.n_batch = n_batch
-        self.flash_attn = flash_attn
-        self.default_temperature = default_temperature
-        self.default_top_p = default_top_p
-        self.repeat_penalty = repeat_penalty
-        self.stats = LlamaStats()
-        self._llm: Any = None
+        self.slots = slots
+        self.requested_cells = kv_cells
+        self.state_dir = state_dir
+        self.ram_budget = ram_budget
+        self.disk_budget = disk_budget
+        self.sampling = sampling or Sampling()
+        self._model: Any = None
+        self._ctx: Any = None
+        self._scheduler: SessionScheduler | None = None
         self._n_ctx = context_length or 0
         self._template: Any = None
         self._bos_text = ""
         self._eos_text = ""
         self._add_bos = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
-        self._lock = asyncio.Lock()
 
     @property
     def context_length(self) -> int:
@@ -149,34 +121,52 @@ class LlamaBackend(Backend):
 
     @property
     def ready(self) -> bool:
-        return self._llm is not None
+        return self._scheduler is not None
+
+    @property
+    def stats(self) -> SessionStats:
+        """Prompt reuse and batching counters of the scheduler."""
+        if self._scheduler is None:
+            return SessionStats()
+        return self._scheduler.stats
+
+    @property
+    def store(self) -> StateStore | None:
+        """Where idle sessions' states are kept."""
+        return self._scheduler.store if self._scheduler is not None else None
 
     async def load(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load)
+        await asyncio.to_thread(self._load)
 
     def _load(self) -> None:
+        import llama_cpp
         from jinja2.sandbox import ImmutableSandboxedEnvironment
-        from llama_cpp import Llama
+        from llama_cpp import _internals
 
         if not self.path.is_file():
             raise FileNotFoundError(f"model file not found: {self.path}")
-        with _without_extra_buffer_types():
-            llm = Llama(
-                model_path=str(self.path),
-                n_ctx=self.requested_context or 0,
-                n_batch=self.n_batch,
-                n_ubatch=self.n_batch,
-                n_threads=self.threads,
-                n_threads_batch=self.batch_threads,
-                flash_attn=self.flash_attn,
-                verbose=False,
-            )
-        model = llm._model
-        self._bos_text = model.token_get_text(model.token_bos()) if model.token_bos() >= 0 else ""
-        self._eos_text = model.token_get_text(model.token_eos()) if model.token_eos() >= 0 else ""
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.use_extra_bufts = False
+        model = _internals.LlamaModel(path_model=str(self.path), params=model_params, verbose=False)
+        trained = model.n_ctx_train()
+        n_ctx = min(self.requested_context or trained, trained) if trained > 0 else 4096
+        cells = max(self.requested_cells or 2 * n_ctx, n_ctx)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = cells
+        params.n_batch = self.n_batch
+        params.n_ubatch = self.n_batch
+        params.n_seq_max = self.slots
+        params.kv_unified = True
+        params.n_threads = self.threads
+        params.n_threads_batch = self.threads
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
+
+        bos, eos = model.token_bos(), model.token_eos()
+        self._bos_text = model.token_get_text(bos) if bos >= 0 else ""
+        self._eos_text = model.token_get_text(eos) if eos >= 0 else ""
         self._add_bos = bool(model.add_bos_token())
-        source = llm.metadata.get("tokenizer.chat_template") or CHATML
+        source = model.metadata().get("tokenizer.chat_template") or CHATML
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
         def raise_exception(message: str) -> None:
@@ -184,26 +174,47 @@ class LlamaBackend(Backend):
 
         env.globals["raise_exception"] = raise_exception
         self._template = env.from_string(source)
-        self._n_ctx = llm.n_ctx()
-        self._llm = llm
+        store = StateStore(
+            ram_bytes=self.ram_budget,
+            disk_bytes=self.disk_budget,
+            directory=self.state_dir,
+        )
+        self._model, self._ctx, self._n_ctx = model, ctx, n_ctx
+        self._scheduler = SessionScheduler(
+            model=model,
+            ctx=ctx,
+            n_batch=self.n_batch,
+            slots=self.slots,
+            kv_cells=cells,
+            n_ctx_seq=n_ctx,
+            store=store,
+            sampling=self.sampling,
+        )
 
     async def close(self) -> None:
-        async with self._lock:
-            llm, self._llm = self._llm, None
-            if llm is not None:
-                await asyncio.get_running_loop().run_in_executor(self._executor, llm.close)
-        self._executor.shutdown(wait=False)
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            await asyncio.to_thread(scheduler.close)
+        if self._ctx is not None:
+            self._ctx.close()
+            self._model.close()
+            self._ctx = self._model = None
 
-    def _model(self) -> Any:
-        if self._llm is None:
+    def _loaded(self) -> Any:
+        if self._model is None:
             raise ModelNotReady(f"Model {self.path.name} is not loaded yet; try again shortly.")
-        return self._llm
+        return self._model
 
     def render(self, messages: Sequence[ChatMessage]) -> str:
         """The prompt text for these messages, ending where the assistant's reply begins."""
-        self._model()
+        self._loaded()
+        return self._render([m.content for m in messages], messages)
+
+    def _render(self, contents: Sequence[str], messages: Sequence[ChatMessage]) -> str:
         rendered: str = self._template.render(
-            messages=[{"role": m.role, "content": m.content} for m in messages],
+            messages=[
+                {"role": m.role, "content": c} for m, c in zip(messages, contents, strict=True)
+            ],
             add_generation_prompt=True,
             bos_token=self._bos_text,
             eos_token=self._eos_text,
@@ -211,14 +222,29 @@ class LlamaBackend(Backend):
         return rendered
 
     def encode(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Prompt token ids for these messages."""
-        text = self.render(messages)
-        add_bos = self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
-        tokens: list[int] = self._model().tokenize(text.encode("utf-8"), add_bos, True)
+        """Prompt token ids: template text with special tokens, message contents without."""
+        model = self._loaded()
+        marks = [_MARK.format(i) for i in range(len(messages))]
+        text = self._render(marks, messages)
+        tokens: list[int] = []
+        if self._add_bos and not (self._bos_text and text.startswith(self._bos_text)):
+            tokens.append(model.token_bos())
+        rest = text
+        for mark, message in zip(marks, messages, strict=True):
+            before, found, rest = rest.partition(mark)
+            if not found:  # a template that drops a message (e.g. a second system prompt)
+                rest = before
+                continue
+            if before:
+                tokens += model.tokenize(before.encode("utf-8"), False, True)
+            if message.content:
+                tokens += model.tokenize(message.content.encode("utf-8"), False, False)
+        if rest:
+            tokens += model.tokenize(rest.encode("utf-8"), False, True)
         return tokens
 
     def count_tokens(self, text: str) -> int:
-        return len(self._model().tokenize(text.encode("utf-8"), False, False))
+        return len(self._loaded().tokenize(text.encode("utf-8"), False, False))
 
     def prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return len(self.encode(messages))
@@ -230,106 +256,35 @@ class LlamaBackend(Backend):
         *,
         session: str | None = None,
     ) -> AsyncGenerator[Chunk, None]:
+        scheduler = self._scheduler
+        if scheduler is None:
+            raise ModelNotReady(f"Model {self.path.name} is not loaded yet; try again shortly.")
         tokens = self.encode(messages)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
-        cancel = threading.Event()
 
         def emit(item: Chunk | BaseException) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        async with self._lock:
-            job = loop.run_in_executor(self._executor, self._generate, tokens, params, cancel, emit)
-            try:
-                while True:
-                    item = await queue.get()
-                    if isinstance(item, BaseException):
-                        raise BackendError(f"llama.cpp failed: {item}") from item
-                    yield item
-                    if item.finish_reason is not None:
-                        break
-            finally:
-                # Reached on a client disconnect too: the thread stops after its current token.
-                cancel.set()
-                await asyncio.shield(job)
-
-    def _generate(
-        self,
-        tokens: list[int],
-        params: GenerationParams,
-        cancel: threading.Event,
-        emit: Callable[[Chunk | BaseException], None],
-    ) -> None:
+        request = Request(
+            prompt=tokens,
+            params=params,
+            session=session,
+            emit=emit,
+            limit=max(0, min(params.max_tokens, self._n_ctx - len(tokens))),
+        )
+        if request.limit == 0:
+            yield Chunk(finish_reason="length", prompt_tokens=len(tokens))
+            return
+        scheduler.submit(request)
         try:
-            self._generate_tokens(tokens, params, cancel, emit)
-        except Exception as exc:
-            emit(exc)
-
-    def _generate_tokens(
-        self,
-        tokens: list[int],
-        params: GenerationParams,
-        cancel: threading.Event,
-        emit: Callable[[Chunk | BaseException], None],
-    ) -> None:
-        import llama_cpp
-
-        llm = self._model()
-        cached = llm.input_ids[: llm.n_tokens].tolist()
-        reused = 0
-        for a, b in zip(cached, tokens, strict=False):
-            if a != b:
-                break
-            reused += 1
-        reused = min(reused, len(tokens) - 1)
-        self.stats.prompt_tokens_reused += reused
-        self.stats.prompt_tokens_evaluated += len(tokens) - reused
-        self.stats.generations += 1
-
-        llm.set_seed(params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
-        temperature = (
-            params.temperature if params.temperature is not None else self.default_temperature
-        )
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        scanner = StopScanner(params.stop)
-        vocab = llm._model.vocab
-        limit = min(params.max_tokens, self._n_ctx - len(tokens))
-        finish: FinishReason = "length" if limit <= 0 else "stop"
-        produced = 0
-        if limit > 0:
-            for token in llm.generate(
-                tokens,
-                temp=temperature,
-                top_p=params.top_p if params.top_p is not None else self.default_top_p,
-                repeat_penalty=self.repeat_penalty,
-                presence_penalty=params.presence_penalty or 0.0,
-                frequency_penalty=params.frequency_penalty or 0.0,
-            ):
-                if cancel.is_set():
-                    finish = "cancelled"
-                    break
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    break
-                produced += 1
-                text = decoder.decode(llm.detokenize([token]))
-                out, stopped = scanner.feed(text)
-                if out:
-                    emit(Chunk(text=out))
-                if stopped:
-                    break
-                if produced >= limit:
-                    finish = "length"
-                    break
-        if finish != "cancelled":
-            tail, stopped = scanner.feed(decoder.decode(b"", final=True))
-            tail += "" if stopped else scanner.flush()
-            if tail:
-                emit(Chunk(text=tail))
-        self.stats.completion_tokens += produced
-        emit(
-            Chunk(
-                finish_reason=finish,
-                prompt_tokens=len(tokens),
-                completion_tokens=produced,
-            )
-        )
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise BackendError(f"llama.cpp failed: {item}") from item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            # Reached on a client disconnect too: the scheduler drops it at its next step.
+            scheduler.cancel(request)

@@ -21,6 +21,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import shutil
 import struct
 import threading
 import time
@@ -95,6 +96,16 @@ class SessionStats:
     max_streams_in_batch: int = 0
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class StateStore:
     """Saved sequence states of idle sessions: newest in RAM, older on disk, both bounded."""
 
@@ -108,10 +119,14 @@ class StateStore:
         self.disk_used = 0
         self.dropped = 0
         if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
-            # States from an earlier run belong to a model context that is gone.
-            for stale in directory.glob("*.state*"):
-                stale.unlink(missing_ok=True)
+            # Saved states belong to this process's context: each process keeps its own
+            # folder, and folders of processes that are gone are removed.
+            for other in directory.glob("*") if directory.is_dir() else []:
+                if other.name.isdigit() and not _alive(int(other.name)):
+                    shutil.rmtree(other, ignore_errors=True)
+            self.directory = directory / str(os.getpid())
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory.mkdir(parents=True, exist_ok=True)
 
     def __contains__(self, session: str) -> bool:
         return session in self._ram or session in self._disk
@@ -257,6 +272,7 @@ class SessionScheduler:
         self._memory = llama_cpp.llama_get_memory(ctx.ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._n_vocab = model.n_vocab()
+        self._piece_buffer = ctypes.create_string_buffer(64)
         self._cond = threading.Condition()
         self._incoming: list[Request] = []
         self._waiting: list[Request] = []
@@ -485,7 +501,7 @@ class SessionScheduler:
             return
         request.produced += 1
         self.stats.completion_tokens += 1
-        text = request.decoder.decode(self.model.token_to_piece(token, False))
+        text = request.decoder.decode(self._piece(token))
         out, stopped = request.scanner.feed(text)
         if out:
             request.emit(Chunk(text=out))
@@ -495,6 +511,17 @@ class SessionScheduler:
             self._finish(request, "length")
         else:
             request.last_token = token
+
+    def _piece(self, token: int) -> bytes:
+        """The bytes a token stands for (no special-token text)."""
+        size = self.lib.llama_token_to_piece(
+            self.model.vocab, token, self._piece_buffer, len(self._piece_buffer), 0, False
+        )
+        if size < 0:  # longer than the buffer: retry with the size it asked for
+            buffer = ctypes.create_string_buffer(-size)
+            size = self.lib.llama_token_to_piece(self.model.vocab, token, buffer, -size, 0, False)
+            return buffer.raw[:size]
+        return self._piece_buffer.raw[:size]
 
     def _finish(
         self,
