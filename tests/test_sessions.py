@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ TURN1 = ChatMessage("user", "Name three animals that live in the sea.")
 TURN2 = ChatMessage("user", "Which of them is the largest?")
 
 
+@asynccontextmanager
 async def backend(tmp_path: Path, **options: int) -> AsyncIterator[LlamaBackend]:
     """A loaded embedded backend with a small state budget to exercise eviction."""
     llama = LlamaBackend(
@@ -71,19 +73,19 @@ async def second_turn(llama: LlamaBackend, session: str, first: str) -> str:
 
 
 async def test_same_seed_same_reply_from_ram_disk_and_nothing(tmp_path: Path) -> None:
-    async for fresh in backend(tmp_path / "a", slots=2):
+    async with backend(tmp_path / "a", slots=2) as fresh:
         first = await reply(fresh, [SYSTEM, TURN1], None, seed=3)
         from_nothing = await second_turn(fresh, "never-seen", first)
         assert fresh.stats.restored_from_ram == fresh.stats.restored_from_disk == 0
 
-    async for ram in backend(tmp_path / "b", slots=2):
+    async with backend(tmp_path / "b", slots=2) as ram:
         assert await reply(ram, [SYSTEM, TURN1], "s", seed=3) == first
         await other_sessions(ram, 3)  # more sessions than slots: "s" is saved to RAM
         assert ram.store is not None and "s" in ram.store
         from_ram = await second_turn(ram, "s", first)
         assert ram.stats.restored_from_ram == 1
 
-    async for disk in backend(tmp_path / "c", slots=2, ram_budget=0):
+    async with backend(tmp_path / "c", slots=2, ram_budget=0) as disk:
         assert await reply(disk, [SYSTEM, TURN1], "s", seed=3) == first
         await other_sessions(disk, 3)  # no RAM budget: "s" goes straight to disk
         assert disk.store is not None and disk.store.disk_used > 0
@@ -96,7 +98,7 @@ async def test_same_seed_same_reply_from_ram_disk_and_nothing(tmp_path: Path) ->
 
 
 async def test_follow_up_evaluates_only_new_tokens(tmp_path: Path) -> None:
-    async for llama in backend(tmp_path, slots=2):
+    async with backend(tmp_path, slots=2) as llama:
         first = await reply(llama, [SYSTEM, TURN1], "s")
         history = [SYSTEM, TURN1, ChatMessage("assistant", first), TURN2]
         full = llama.prompt_tokens(history)
@@ -124,7 +126,7 @@ async def test_follow_up_evaluates_only_new_tokens(tmp_path: Path) -> None:
 
 async def test_state_budget_is_respected(tmp_path: Path) -> None:
     ram_budget, disk_budget = 300_000, 1_000_000
-    async for llama in backend(tmp_path, slots=2, ram_budget=ram_budget, disk_budget=disk_budget):
+    async with backend(tmp_path, slots=2, ram_budget=ram_budget, disk_budget=disk_budget) as llama:
         store = llama.store
         assert store is not None and store.directory is not None
         for i in range(30):
@@ -139,7 +141,7 @@ async def test_state_budget_is_respected(tmp_path: Path) -> None:
 
 
 async def test_four_concurrent_streams_complete_interleaved(tmp_path: Path) -> None:
-    async for llama in backend(tmp_path, slots=4):
+    async with backend(tmp_path, slots=4) as llama:
         firsts: dict[int, float] = {}
         ends: dict[int, float] = {}
 
