@@ -35,6 +35,7 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
             strict=settings.strict_models,
             threads=settings.llama_threads,
             state_dir=settings.data_dir / "state",
+            cache_dir=settings.cache_dir,
         )
         engine = Engine(db=db, models=registry)
         owner_id = await engine.owner_id(LOCAL_OWNER)

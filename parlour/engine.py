@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -16,7 +14,8 @@ from sqlalchemy.exc import IntegrityError
 from . import bots, knowledge, usage
 from .backends.base import ChatMessage, FinishReason, GenerationParams
 from .context import HistoryItem, check_fits, fit_with_knowledge, system_messages
-from .errors import BackendError, InvalidRequest, NotFound, ParlourError
+from .errors import InvalidRequest, NotFound
+from .generation import GenerationStream
 from .locks import turn_locks
 from .models import LoadedModel, ModelRegistry
 from .store import queries
@@ -132,93 +131,20 @@ class TurnResult:
     completion_tokens: int
 
 
-class TurnCancelled(ParlourError):
-    """The client went away before the turn started; nothing was written."""
-
-    status = 499
-    code = "cancelled"
-
-
-class TurnStream:
+class TurnStream(GenerationStream[TurnResult]):
     """A running turn: iterate it for text deltas, then await result(); cancel() stops it."""
+
+    cancelled_message = "The client went away before the turn started."
 
     def __init__(self, engine: Engine, request: TurnRequest) -> None:
         self._engine = engine
         self._request = request
-        self._deltas: asyncio.Queue[str | None] = asyncio.Queue()
-        self._output = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        self._started: asyncio.Future[None] = loop.create_future()
-        self._result: asyncio.Future[TurnResult] = loop.create_future()
-        self._error: ParlourError | None = None
-        self._cancel_requested = False
-        self._interruptible = True
-        self.model: str | None = None
-        self._task = asyncio.create_task(self._run())
-        engine.running.add(self)
-        self._task.add_done_callback(lambda _task: engine.running.discard(self))
+        super().__init__(engine.running)
 
-    async def started(self) -> None:
-        """Wait until the user message is persisted and generation may begin."""
-        await asyncio.shield(self._started)
-
-    async def first_output(self) -> None:
-        """Wait for the first text, or the end; raise the turn's error if it failed before any.
-
-        Streaming edges wait for this before sending headers, so an upstream that is
-        down still gets a proper HTTP status instead of an error event.
-        """
-        await self._output.wait()
-        if self._error is not None and self._deltas.qsize() <= 1:
-            raise self._error
-
-    def _emit(self, delta: str | None) -> None:
-        self._deltas.put_nowait(delta)
-        self._output.set()
-
-    async def result(self) -> TurnResult:
-        """Wait for the turn to end and return it."""
-        return await asyncio.shield(self._result)
-
-    def cancel(self) -> None:
-        """Stop the turn: before it starts nothing is written; during generation the
-        partial reply is kept as `cancelled`."""
-        if self._task.done() or self._cancel_requested:
-            return
-        self._cancel_requested = True
-        if self._interruptible:
-            self._task.cancel()
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        while True:
-            delta = await self._deltas.get()
-            if delta is None:
-                break
-            yield delta
-        if self._error is not None:
-            raise self._error
-
-    def _fail(self, error: ParlourError) -> None:
-        self._error = error
-        for future in (self._started, self._result):
-            if not future.done():
-                future.set_exception(error)
-                # Retrieved here so an unawaited future never logs a warning.
-                future.exception()
-        self._emit(None)
-
-    async def _run(self) -> None:
-        try:
-            async with self._engine.locks.hold(self._request.conversation_id):
-                self._interruptible = False
-                await self._turn()
-        except asyncio.CancelledError:
-            self._fail(TurnCancelled("The client went away before the turn started."))
-        except ParlourError as exc:
-            self._fail(exc)
-        except Exception as exc:
-            log.exception("turn failed")
-            self._fail(BackendError(f"The turn failed: {type(exc).__name__}: {exc}"))
+    async def _work(self) -> None:
+        async with self._engine.locks.hold(self._request.conversation_id):
+            self._interruptible = False
+            await self._turn()
 
     async def _turn(self) -> None:
         engine, request = self._engine, self._request
@@ -278,57 +204,26 @@ class TurnStream:
             new=new,
             reply_budget=budget,
         )
-        self._started.set_result(None)
+        self._begin()
 
         max_tokens = min(budget, backend.context_length - fitted.prompt_tokens)
-        params = plan.sampling.params(max(1, max_tokens))
-        pieces: list[str] = []
-        finish: FinishReason = "stop"
-        prompt_tokens, completion_tokens = fitted.prompt_tokens, 0
-        began = time.perf_counter()
-        self._interruptible = True
-        generation = backend.stream(fitted.messages, params, session=str(conversation.id))
-        try:
-            if self._cancel_requested:
-                raise asyncio.CancelledError
-            async for chunk in generation:
-                if chunk.text:
-                    pieces.append(chunk.text)
-                    self._emit(chunk.text)
-                if chunk.finish_reason is not None:
-                    finish = chunk.finish_reason
-                    prompt_tokens = chunk.prompt_tokens or prompt_tokens
-                    completion_tokens = chunk.completion_tokens
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-            finish = "cancelled"
-        except ParlourError as exc:
-            finish = "error"
-            self._error = exc
-        except Exception as exc:
-            log.exception("generation failed")
-            finish = "error"
-            self._error = BackendError(f"Generation failed: {type(exc).__name__}: {exc}")
-        finally:
-            self._interruptible = False
-            await generation.aclose()
-        elapsed_ms = int((time.perf_counter() - began) * 1000)
-        text = "".join(pieces)
-        if finish in ("cancelled", "error"):
-            completion_tokens = backend.count_tokens(text)
-
+        generated = await self._generate(
+            backend,
+            fitted.messages,
+            plan.sampling.params(max(1, max_tokens)),
+            prompt_tokens=fitted.prompt_tokens,
+            session=str(conversation.id),
+        )
         async with engine.db.session() as session, session.begin():
             assistant = await queries.append_message(
                 session,
                 conversation,
                 role="assistant",
-                content=text,
-                token_count=backend.count_tokens(text),
+                content=generated.text,
+                token_count=backend.count_tokens(generated.text),
                 model_tag=model.spec.name,
-                inference_time_ms=elapsed_ms,
-                finish_reason=finish,
+                inference_time_ms=generated.elapsed_ms,
+                finish_reason=generated.finish_reason,
             )
             await usage.record(
                 session,
@@ -337,21 +232,20 @@ class TurnStream:
                 model=model.spec.name,
                 user_id=request.user_id,
                 dialect=request.dialect,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
+                prompt_tokens=generated.prompt_tokens,
+                completion_tokens=generated.completion_tokens,
             )
-        self._result.set_result(
+        self._finish(
             TurnResult(
                 conversation=conversation,
                 user_message=user_message,
                 assistant_message=assistant,
                 model=model.spec.name,
-                finish_reason=finish,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
+                finish_reason=generated.finish_reason,
+                prompt_tokens=generated.prompt_tokens,
+                completion_tokens=generated.completion_tokens,
             )
         )
-        self._emit(None)
 
 
 class Engine:
@@ -361,7 +255,7 @@ class Engine:
         self.db = db
         self.models = models
         self.locks = turn_locks(db.url, is_sqlite=db.is_sqlite)
-        self.running: set[TurnStream | CompletionStream] = set()
+        self.running: set[GenerationStream[object]] = set()
 
     async def owner_id(self, name: str) -> uuid.UUID:
         """The id of the owner with this name, created on first use."""
@@ -450,5 +344,5 @@ class Engine:
         turns = list(self.running)
         for turn in turns:
             turn.cancel()
-        await asyncio.gather(*(turn._task for turn in turns), return_exceptions=True)
+        await asyncio.gather(*(turn.wait() for turn in turns))
         await self.locks.close()

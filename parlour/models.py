@@ -197,7 +197,11 @@ class ModelRegistry:
 
 
 def build_backend(
-    spec: ModelSpec, *, threads: int | None = None, state_dir: Path | None = None
+    spec: ModelSpec,
+    *,
+    threads: int | None = None,
+    state_dir: Path | None = None,
+    cache_dir: Path | None = None,
 ) -> Backend:
     """Construct (but do not load) the backend for a spec."""
     if spec.backend == "scripted":
@@ -208,18 +212,26 @@ def build_backend(
             token_delay=float(spec.options.get("token_delay", 0.0)),
         )
     if spec.backend == "llama":
+        from .backends.convert import weight_type
         from .backends.llama import LlamaBackend
 
         options = spec.options
+        # The embedded Q4_1 file is converted to Q8_0 (prompts 2-3x faster, see
+        # BENCHMARKS.md); a GGUF the user names is loaded as it is unless configured.
+        weights = weight_type(options.get("weights", "q8_0" if spec.path is None else None))
         return LlamaBackend(
             path=spec.path or embedded_gguf(),
             context_length=spec.context_length,
             threads=spec.threads or threads,
+            batch_threads=options.get("batch_threads"),
             slots=int(options.get("slots", 8)),
             kv_cells=options.get("kv_cells"),
             state_dir=state_dir / spec.name if state_dir is not None else None,
             ram_budget=int(options.get("state_ram_mb", 256)) * 2**20,
             disk_budget=int(options.get("state_disk_mb", 2048)) * 2**20,
+            weights=weights,
+            cache_dir=cache_dir,
+            flash_attn=bool(options.get("flash_attn", True)),
         )
     if spec.backend == "openai":
         from .backends.openai import OpenAIBackend
@@ -247,6 +259,7 @@ def build_registry(
     strict: bool,
     threads: int | None = None,
     state_dir: Path | None = None,
+    cache_dir: Path | None = None,
 ) -> ModelRegistry:
     """Models from the config file plus the one named by --model (default: the embedded one)."""
     specs: list[ModelSpec] = []
@@ -267,7 +280,9 @@ def build_registry(
     now = int(time.time())
     loaded = [
         LoadedModel(
-            spec=s, backend=build_backend(s, threads=threads, state_dir=state_dir), created=now
+            spec=s,
+            backend=build_backend(s, threads=threads, state_dir=state_dir, cache_dir=cache_dir),
+            created=now,
         )
         for s in specs
     ]

@@ -58,6 +58,11 @@ class Settings:
         return env
 
     @property
+    def cache_dir(self) -> Path:
+        """Derived files (converted model weights), rebuilt when missing; safe to delete."""
+        return self.data_dir / "cache"
+
+    @property
     def is_loopback(self) -> bool:
         """True when the server only listens on the local machine."""
         return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")

@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import knowledge, usage
 from .backends.base import ChatMessage, FinishReason
 from .context import HistoryItem, fit_with_knowledge
-from .engine import Sampling, TurnCancelled
-from .errors import BackendError, InvalidRequest, ParlourError
+from .engine import Sampling
+from .errors import InvalidRequest
+from .generation import GenerationStream
 from .knowledge import Hit
 
 if TYPE_CHECKING:
@@ -66,78 +67,16 @@ def last_user_text(messages: Sequence[ChatMessage]) -> str:
     return next((m.content for m in reversed(messages) if m.role == "user"), "")
 
 
-class CompletionStream:
+class CompletionStream(GenerationStream[CompletionResult]):
     """A running stateless generation: iterate it for text deltas, then await result()."""
 
     def __init__(self, engine: Engine, request: CompletionRequest) -> None:
         self._engine = engine
         self._request = request
-        self._deltas: asyncio.Queue[str | None] = asyncio.Queue()
-        self._output = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        self._started: asyncio.Future[None] = loop.create_future()
-        self._result: asyncio.Future[CompletionResult] = loop.create_future()
-        self._error: ParlourError | None = None
-        self._cancel_requested = False
-        self._interruptible = True
-        self.model: str | None = None
-        self._task = asyncio.create_task(self._run())
-        engine.running.add(self)
-        self._task.add_done_callback(lambda _task: engine.running.discard(self))
+        super().__init__(engine.running)
 
-    async def started(self) -> None:
-        """Wait until the context is built and generation begins; raises request errors."""
-        await asyncio.shield(self._started)
-
-    async def first_output(self) -> None:
-        """Wait for the first text, or the end; raise the error if it failed before any."""
-        await self._output.wait()
-        if self._error is not None and self._deltas.qsize() <= 1:
-            raise self._error
-
-    async def result(self) -> CompletionResult:
-        """Wait for the end and return it."""
-        return await asyncio.shield(self._result)
-
-    def cancel(self) -> None:
-        """Stop generating; usage of what was generated is still recorded."""
-        if self._task.done() or self._cancel_requested:
-            return
-        self._cancel_requested = True
-        if self._interruptible:
-            self._task.cancel()
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        while True:
-            delta = await self._deltas.get()
-            if delta is None:
-                break
-            yield delta
-        if self._error is not None:
-            raise self._error
-
-    def _emit(self, delta: str | None) -> None:
-        self._deltas.put_nowait(delta)
-        self._output.set()
-
-    def _fail(self, error: ParlourError) -> None:
-        self._error = error
-        for future in (self._started, self._result):
-            if not future.done():
-                future.set_exception(error)
-                future.exception()  # retrieved so an unawaited future never logs a warning
-        self._emit(None)
-
-    async def _run(self) -> None:
-        try:
-            await self._complete()
-        except asyncio.CancelledError:
-            self._fail(TurnCancelled("The client went away before generation started."))
-        except ParlourError as exc:
-            self._fail(exc)
-        except Exception as exc:
-            log.exception("completion failed")
-            self._fail(BackendError(f"The completion failed: {type(exc).__name__}: {exc}"))
+    async def _work(self) -> None:
+        await self._complete()
 
     async def _retrieve(self) -> list[Hit]:
         request = self._request
@@ -174,41 +113,15 @@ class CompletionStream:
         hits = hits[:kept]
         if self._cancel_requested:
             raise asyncio.CancelledError
-        self._started.set_result(None)
+        self._begin()
 
         max_tokens = max(1, min(requested, backend.context_length - fitted.prompt_tokens))
-        params = request.sampling.params(max_tokens)
-        pieces: list[str] = []
-        finish: FinishReason = "stop"
-        prompt_tokens, completion_tokens = fitted.prompt_tokens, 0
-        generation = backend.stream(fitted.messages, params)
-        try:
-            async for chunk in generation:
-                if chunk.text:
-                    pieces.append(chunk.text)
-                    self._emit(chunk.text)
-                if chunk.finish_reason is not None:
-                    finish = chunk.finish_reason
-                    prompt_tokens = chunk.prompt_tokens or prompt_tokens
-                    completion_tokens = chunk.completion_tokens
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-            finish = "cancelled"
-        except ParlourError as exc:
-            finish, self._error = "error", exc
-        except Exception as exc:
-            log.exception("generation failed")
-            finish = "error"
-            self._error = BackendError(f"Generation failed: {type(exc).__name__}: {exc}")
-        finally:
-            self._interruptible = False
-            await generation.aclose()
-        text = "".join(pieces)
-        if finish in ("cancelled", "error"):
-            completion_tokens = backend.count_tokens(text)
-
+        generated = await self._generate(
+            backend,
+            fitted.messages,
+            request.sampling.params(max_tokens),
+            prompt_tokens=fitted.prompt_tokens,
+        )
         async with engine.db.session() as session, session.begin():
             await usage.record(
                 session,
@@ -217,17 +130,16 @@ class CompletionStream:
                 model=model.spec.name,
                 user_id=request.user_id,
                 dialect=request.dialect,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
+                prompt_tokens=generated.prompt_tokens,
+                completion_tokens=generated.completion_tokens,
             )
-        self._result.set_result(
+        self._finish(
             CompletionResult(
                 model=model.spec.name,
-                text=text,
-                finish_reason=finish,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
+                text=generated.text,
+                finish_reason=generated.finish_reason,
+                prompt_tokens=generated.prompt_tokens,
+                completion_tokens=generated.completion_tokens,
                 knowledge=tuple(hits),
             )
         )
-        self._emit(None)

@@ -112,14 +112,22 @@ async def test_stop_string_in_real_generation(backend: LlamaBackend) -> None:
 
 @pytest.mark.model
 async def test_multibyte_characters_never_split(backend: LlamaBackend) -> None:
-    ask = ChatMessage("user", "Repeat exactly: café 🎉 naïve 😀 über")
-    texts, last = await generate(backend, [ask], max_tokens=48, temperature=0)
-    assert last.finish_reason == "stop"
-    assert all("\ufffd" not in text for text in texts), texts
-    reply = "".join(texts)
-    # The reply holds a character the tokenizer spells with several tokens, so the
-    # decoder really had to hold back partial bytes.
-    assert any(backend.count_tokens(ch) > 1 for ch in reply), reply
+    asks = [
+        "Repeat exactly: café 🎉 naïve 😀 über",
+        "Reply with three party emoji like 🎉 and nothing else.",
+        "Write the word 'naïve' and the emoji 😀 twice.",
+    ]
+    replies: list[str] = []
+    for ask in asks:
+        texts, _last = await generate(
+            backend, [ChatMessage("user", ask)], max_tokens=48, temperature=0
+        )
+        assert all("\ufffd" not in text for text in texts), texts
+        replies.append("".join(texts))
+    # Some reply holds a character the tokenizer spells with several tokens, so the
+    # decoder really had to hold back partial bytes (greedy replies of a model this
+    # small turn on near-ties, so no single prompt is relied on).
+    assert any(backend.count_tokens(ch) > 1 for reply in replies for ch in reply), replies
 
 
 @pytest.mark.model

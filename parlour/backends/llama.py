@@ -21,6 +21,7 @@ Settings, measured on this project's 2-core machines (see BENCHMARKS.md):
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from collections.abc import AsyncGenerator, Iterator, Sequence
@@ -30,9 +31,12 @@ from typing import Any
 
 from ..errors import BackendError, ModelNotReady
 from .base import Backend, ChatMessage, Chunk, GenerationParams
+from .convert import converted
 from .sessions import Request, Sampling, SessionScheduler, SessionStats, StateStore, StopScanner
 
 __all__ = ["CHATML", "LlamaBackend", "StopScanner", "default_threads"]
+
+log = logging.getLogger(__name__)
 
 _PATCH_LOCK = threading.Lock()
 
@@ -88,6 +92,7 @@ class LlamaBackend(Backend):
         path: Path,
         context_length: int | None = None,
         threads: int | None = None,
+        batch_threads: int | None = None,
         n_batch: int = 512,
         slots: int = 8,
         kv_cells: int | None = None,
@@ -95,10 +100,19 @@ class LlamaBackend(Backend):
         ram_budget: int = 256 * 2**20,
         disk_budget: int = 2 * 2**30,
         sampling: Sampling | None = None,
+        weights: str | None = None,
+        cache_dir: Path | None = None,
+        flash_attn: bool = True,
     ) -> None:
         self.path = path
+        self.weights = weights
+        self.cache_dir = cache_dir
+        self.flash_attn = flash_attn
+        #: The file actually loaded: the converted copy, or `path` itself.
+        self.loaded_path: Path | None = None
         self.requested_context = context_length
         self.threads = threads or default_threads()
+        self.batch_threads = batch_threads or self.threads
         self.n_batch = n_batch
         self.slots = slots
         self.requested_cells = kv_cells
@@ -147,7 +161,17 @@ class LlamaBackend(Backend):
             raise FileNotFoundError(f"model file not found: {self.path}")
         model_params = llama_cpp.llama_model_default_params()
         model_params.use_extra_bufts = False
-        model = _internals.LlamaModel(path_model=str(self.path), params=model_params, verbose=False)
+        path = self._weights_file()
+        try:
+            model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
+        except ValueError:
+            if path == self.path:
+                raise
+            log.warning("could not load %s; removed it and loaded %s instead", path, self.path)
+            path.unlink(missing_ok=True)
+            path = self.path
+            model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
+        self.loaded_path = path
         trained = model.n_ctx_train()
         n_ctx = min(self.requested_context or trained, trained) if trained > 0 else 4096
         cells = max(self.requested_cells or 2 * n_ctx, n_ctx)
@@ -158,8 +182,12 @@ class LlamaBackend(Backend):
         params.n_seq_max = self.slots
         params.kv_unified = True
         params.n_threads = self.threads
-        params.n_threads_batch = self.threads
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.n_threads_batch = self.batch_threads
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if self.flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
 
         bos, eos = model.token_bos(), model.token_eos()
@@ -190,6 +218,21 @@ class LlamaBackend(Backend):
             store=store,
             sampling=self.sampling,
         )
+
+    def _weights_file(self) -> Path:
+        """The model file to load: a cached conversion when one is asked for and works."""
+        if self.weights is None or self.cache_dir is None:
+            return self.path
+        try:
+            return converted(self.path, self.cache_dir, self.weights, threads=self.threads)
+        except Exception:  # a full disk or an odd file must not keep the model from loading
+            log.warning(
+                "converting %s to %s failed; loading it as it is",
+                self.path,
+                self.weights,
+                exc_info=True,
+            )
+            return self.path
 
     async def close(self) -> None:
         scheduler, self._scheduler = self._scheduler, None
