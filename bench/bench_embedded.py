@@ -109,6 +109,23 @@ class Results:
 
 
 @dataclass(frozen=True)
+class Server:
+    """A running `parlour serve`."""
+
+    url: str
+    ready_seconds: float
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """CPU time its threads have used (Linux; NaN elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
 class Config:
     """The settings both sides run with."""
 
@@ -139,8 +156,8 @@ def history_text(rng: random.Random, count: Callable[[str], int], tokens: int) -
 
 
 @contextmanager
-def parlour_server(config: Config, data_dir: Path, custom: bool) -> Iterator[tuple[str, float]]:
-    """A `parlour serve` subprocess on a free port: its URL and seconds until it was ready."""
+def parlour_server(config: Config, data_dir: Path, custom: bool) -> Iterator[Server]:
+    """A `parlour serve` subprocess on a free port, stopped on exit."""
     port = free_port()
     args = [sys.executable, "-m", "parlour", "serve", "--port", str(port)]
     args += ["--data-dir", str(data_dir), "--log-level", "warning"]
@@ -170,7 +187,7 @@ def parlour_server(config: Config, data_dir: Path, custom: bool) -> Iterator[tup
             if time.perf_counter() - started > 180:
                 raise RuntimeError("parlour did not become ready in 180 s")
             time.sleep(0.05)
-        yield url, time.perf_counter() - started
+        yield Server(url, time.perf_counter() - started, process.pid)
     finally:
         process.terminate()
         try:
@@ -333,20 +350,22 @@ def main() -> None:
             convert_seconds = time.perf_counter() - started
         data_dir = Path(scratch) / "data"
         data_dir.mkdir()
-        with parlour_server(config, data_dir, custom) as (url, ready_seconds):
+        with parlour_server(config, data_dir, custom) as server:
             cached = sorted((data_dir / "cache").glob("*.gguf"))
             path = cached[0] if cached else source
             raw = Raw(path, config)
-            client = httpx.Client(base_url=url, timeout=600)
-            results = run_rounds(raw, client, options.rounds, options.tokens, options.history)
+            client = httpx.Client(base_url=server.url, timeout=600)
+            results = run_rounds(raw, client, server, options)
             client.close()
-        print_report(config, path, convert_seconds, ready_seconds, options, results)
+        print_report(config, path, convert_seconds, server.ready_seconds, options, results)
 
 
 def raw_round(raw: Raw, results: Results, r: int, text: str, tokens: int) -> None:
     """One round's measurements with llama-cpp-python."""
     short = raw.prompt([{"role": "user", "content": STORY}])
+    cpu = time.process_time()
     sample = raw.stream(short, tokens, seed=r, fresh=True)
+    results.add("cpu", "raw", (time.process_time() - cpu) * 1000 / sample.completion_tokens)
     results.add("decode", "raw", sample.decode_rate)
     results.add("ttft", "raw", sample.ttft * 1000)
     long = raw.prompt([{"role": "user", "content": text}])
@@ -364,9 +383,14 @@ def raw_round(raw: Raw, results: Results, r: int, text: str, tokens: int) -> Non
     results.add("follow_up", "raw", sample.ttft * 1000)
 
 
-def parlour_round(client: httpx.Client, results: Results, r: int, text: str, tokens: int) -> None:
+def parlour_round(
+    client: httpx.Client, server: Server, results: Results, r: int, text: str, tokens: int
+) -> None:
     """One round's measurements through parlour, each reply in a new session."""
+    cpu = server.cpu_seconds()
     sample = parlour_stream(client, f"bench-{uuid.uuid4().hex}", STORY, tokens, r)
+    used = server.cpu_seconds() - cpu
+    results.add("cpu", "parlour", used * 1000 / sample.completion_tokens)
     results.add("decode", "parlour", sample.decode_rate)
     results.add("ttft", "parlour", sample.ttft * 1000)
     results.count("reply", sample.completion_tokens)
@@ -380,16 +404,19 @@ def parlour_round(client: httpx.Client, results: Results, r: int, text: str, tok
     results.count("follow", sample.prompt_tokens)
 
 
-def run_rounds(raw: Raw, client: httpx.Client, rounds: int, tokens: int, history: int) -> Results:
+def run_rounds(
+    raw: Raw, client: httpx.Client, server: Server, options: argparse.Namespace
+) -> Results:
     """Alternate raw and parlour for each measurement; every round uses new text."""
     results = Results()
+    rounds, tokens, history = options.rounds, options.tokens, options.history
     for r in range(rounds):
         text = history_text(random.Random(r), raw.count, history)
         if r % 2 == 0:
             raw_round(raw, results, r, text, tokens)
-            parlour_round(client, results, r, text, tokens)
+            parlour_round(client, server, results, r, text, tokens)
         else:
-            parlour_round(client, results, r, text, tokens)
+            parlour_round(client, server, results, r, text, tokens)
             raw_round(raw, results, r, text, tokens)
         decode, prefill = results.series["decode"], results.series["prefill"]
         print(
@@ -429,18 +456,22 @@ def print_report(
         f"{results.median_count('follow')} tokens\n"
     )
     rows = [
-        ("decode tokens/s", "decode"),
-        ("time to first token, short prompt (ms)", "ttft"),
-        (f"prefill tokens/s, {options.history}-token history, fresh", "prefill"),
-        (f"time to first token, {options.history}-token history (ms)", "history_ttft"),
-        ("time to first token, follow-up turn, prefix reused (ms)", "follow_up"),
+        ("decode tokens/s", "decode", 0),
+        ("time to first token, short prompt (ms)", "ttft", 0),
+        ("CPU time per reply token, all threads (ms)", "cpu", 2),
+        (f"prefill tokens/s, {options.history}-token history, fresh", "prefill", 0),
+        (f"time to first token, {options.history}-token history (ms)", "history_ttft", 0),
+        ("time to first token, follow-up turn, prefix reused (ms)", "follow_up", 0),
     ]
     print("| measurement | raw llama-cpp-python | parlour (streamed HTTP) | parlour/raw |")
     print("|---|---|---|---|")
-    for label, key in rows:
+    for label, key, digits in rows:
         series = results.series[key]
         ratio = statistics.median(series.parlour) / statistics.median(series.raw)
-        print(f"| {label} | {summary(series.raw)} | {summary(series.parlour)} | {ratio:.2f} |")
+        print(
+            f"| {label} | {summary(series.raw, digits)} | {summary(series.parlour, digits)} "
+            f"| {ratio:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,66 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection: a load generator far cheaper than a full client,
+    so that the server, not the generator, sets the rate."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        """Send one POST and read the whole reply; reconnects once if the server closed."""
+        for attempt in (0, 1):
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            assert self.reader is not None
+            head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            self.writer.write(
+                f"POST {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                f"{head}\r\n".encode("latin-1")
+                + body
+            )
+            try:
+                return await self._response(self.reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                await self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _response(self, reader: asyncio.StreamReader) -> tuple[int, bytes]:
+        lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        fields = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        if "content-length" in fields:
+            payload = await reader.readexactly(int(fields["content-length"]))
+        elif fields.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                parts.append(await reader.readexactly(size + 2))
+            await reader.readuntil(b"\r\n")
+            payload = b"".join(p[:-2] for p in parts)
+        else:
+            payload = await reader.read()
+        if fields.get("connection", "").lower() == "close":
+            await self.close()
+        return status, payload
+
+    async def close(self) -> None:
+        """Close the socket."""
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
 
 
 def machine() -> str:
@@ -194,6 +255,7 @@ async def drive(
     body: dict[str, Any],
     sessions: int | None,
     turns_per_session: int,
+    client: str = "raw",
     cell: Cell | None = None,
 ) -> None:
     """Send non-streamed chat requests from `connections` clients for `seconds`.
@@ -203,25 +265,30 @@ async def drive(
     share that many sessions. Latencies and errors go into `cell` when given.
     """
     deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     run = uuid.uuid4().hex[:8]
+    target = httpx.URL(url)
 
-    async def client_loop(client: httpx.AsyncClient, index: int) -> None:
+    def request(index: int, turn: int, generation: int) -> tuple[dict[str, str], bytes]:
+        headers: dict[str, str] = {}
+        if sessions == 0:
+            headers["x-session-key"] = f"bench-{run}-{index}-{generation}"
+        elif sessions is not None:
+            headers["x-session-key"] = f"bench-{run}-shared-{index % sessions}"
+        payload = {**body, "messages": [{"role": "user", "content": f"hello turn {turn}"}]}
+        return headers, json.dumps(payload).encode()
+
+    async def client_loop(
+        send: Callable[[dict[str, str], bytes], Awaitable[int]], index: int
+    ) -> None:
         generation, turn = 0, 0
         while time.perf_counter() < deadline:
-            headers: dict[str, str] = {}
-            if sessions == 0:
-                if turns_per_session and turn >= turns_per_session:
-                    generation, turn = generation + 1, 0
-                headers["x-session-key"] = f"bench-{run}-{index}-{generation}"
-            elif sessions is not None:
-                headers["x-session-key"] = f"bench-{run}-shared-{index % sessions}"
-            payload = {**body, "messages": [{"role": "user", "content": f"hello turn {turn}"}]}
+            if turns_per_session and turn >= turns_per_session:
+                generation, turn = generation + 1, 0
+            headers, payload = request(index, turn, generation)
             began = time.perf_counter()
             try:
-                reply = await client.post(url, headers=headers, json=payload)
-                ok = reply.status_code == 200
-            except httpx.HTTPError:
+                ok = await send(headers, payload) == 200
+            except (OSError, httpx.HTTPError, asyncio.IncompleteReadError):
                 ok = False
             if cell is not None:
                 if ok:
@@ -230,8 +297,32 @@ async def drive(
                     cell.errors += 1
             turn += 1
 
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        await asyncio.gather(*(client_loop(client, i) for i in range(connections)))
+    if client == "httpx":
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        async with httpx.AsyncClient(limits=limits, timeout=60) as pool:
+
+            async def send_httpx(headers: dict[str, str], payload: bytes) -> int:
+                headers = {**headers, "content-type": "application/json"}
+                return (await pool.post(target, headers=headers, content=payload)).status_code
+
+            await asyncio.gather(*(client_loop(send_httpx, i) for i in range(connections)))
+        return
+    sockets = [Connection(target.host, target.port or 80) for _ in range(connections)]
+
+    def sender(conn: Connection) -> Callable[[dict[str, str], bytes], Awaitable[int]]:
+        async def send(headers: dict[str, str], payload: bytes) -> int:
+            status, _ = await asyncio.wait_for(
+                conn.post(target.raw_path.decode(), headers, payload), 60
+            )
+            return status
+
+        return send
+
+    try:
+        await asyncio.gather(*(client_loop(sender(c), i) for i, c in enumerate(sockets)))
+    finally:
+        for conn in sockets:
+            await conn.close()
 
 
 async def measure(
@@ -243,7 +334,12 @@ async def measure(
     args: argparse.Namespace,
 ) -> Cell:
     """Warm up, then measure one cell; print a progress line."""
-    options = {"connections": cell.connections, "body": body, "sessions": sessions}
+    options = {
+        "connections": cell.connections,
+        "body": body,
+        "sessions": sessions,
+        "client": args.client,
+    }
     await drive(url, seconds=args.warmup, turns_per_session=args.turns_per_session, **options)
     began = time.perf_counter()
     await drive(
@@ -262,9 +358,7 @@ async def measure(
 def table(title: str, unit: str, cells: list[Cell]) -> str:
     """Render cells as a fixed-width table."""
     width = max(len(c.label) for c in cells)
-    head = (
-        f"{'server':<{width}} | conns | sessions | {unit:>8} | p50 ms | p95 ms | p99 ms | errors"
-    )
+    head = f"{'server':<{width}} | conns | sessions | {unit:>8} | p50 ms | p95 ms | p99 ms | errors"
     lines = [title, "", head, "-" * len(head)]
     for c in cells:
         row = f"{c.label:<{width}} | {c.connections:>5} | {c.sessions:<8} | "
@@ -362,7 +456,11 @@ def litellm(upstream: Server, workdir: Path) -> Server:
 
 
 async def gateway_rows(
-    label: str, server: Server | None, path: str, body: dict[str, Any], sessions: int | None,
+    label: str,
+    server: Server | None,
+    path: str,
+    body: dict[str, Any],
+    sessions: int | None,
     args: argparse.Namespace,
 ) -> list[Cell]:
     """One gateway's cells at each connection count (the server is already up)."""
@@ -434,6 +532,12 @@ async def main() -> None:
     )
     parser.add_argument(
         "--shared", type=int, default=4, help="sessions the shared-session row uses (0: no row)"
+    )
+    parser.add_argument(
+        "--client",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="load generator: raw keep-alive HTTP/1.1 on asyncio streams, or httpx",
     )
     parser.add_argument("--no-postgres", dest="postgres", action="store_false")
     parser.add_argument("--no-litellm", dest="litellm", action="store_false")

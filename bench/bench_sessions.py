@@ -1,22 +1,25 @@
 """Embedded model: per-session prompt state and concurrent streams, against llama_cpp.server.
 
-Starts a real `parlour serve` (embedded SmolLM2 GGUF, temp data directory) and llama-cpp-python's
-own OpenAI-compatible server (`python -m llama_cpp.server`, launched through
-tests/support/llama_server.py for the AMX-safe load setting) on the same GGUF with the same
-threads, and measures both in the same run, alternating which goes first:
+Starts a real `parlour serve` (embedded SmolLM2, temp data directory) and llama-cpp-python's own
+OpenAI-compatible server (`python -m llama_cpp.server`, launched through
+tests/support/llama_server.py for the AMX-safe load setting) and measures both in the same run,
+alternating which goes first:
 
 - single stream: time to first token and decode tokens/s, with raw llama-cpp-python decode
-  (`Llama.generate`, same GGUF and threads) as the ceiling;
+  (`Llama.generate` in this process) as the ceiling;
 - N simultaneous streams: how many completed with a full reply, aggregate tokens/s;
 - N conversations interleaved round-robin for T turns: time to first token per turn.
 
-parlour gets only each turn's new message with `x-session-key`; llama_cpp.server gets the whole
-history every turn, as a stateless server needs. Both stream, at temperature 0 with the same
-repeat penalty (parlour's default, 1.1). The peer runs from a bench-only virtualenv under
-bench/.peers/ built from pip's cached llama-cpp-python wheel (never rebuilt from source);
+All three load the same weights file (the one parlour loads: by default its converted copy of
+the embedded GGUF; with --model, that file as is) with parlour's threads and flash-attention
+setting. parlour gets only each turn's new message with `x-session-key`; llama_cpp.server gets
+the whole history every turn, as a stateless server needs. Both stream, at temperature 0 with
+the same repeat penalty (parlour's default, 1.1). The peer runs from a bench-only virtualenv
+under bench/.peers/ made from pip's cached llama-cpp-python wheel (never built from source);
 without that wheel it falls back to the project's own environment and says so.
 
-    python bench/bench_sessions.py [--repeats 3] [--threads 1] [--parts single streams interleaved]
+    python bench/bench_sessions.py [--repeats 3] [--threads 1] [--model PATH.gguf]
+        [--parts single streams interleaved] [--peer-env auto|main]
 """
 
 from __future__ import annotations
@@ -328,11 +331,54 @@ def free_port() -> int:
         return port
 
 
-def gguf_path() -> Path:
-    """The GGUF that parlour embeds by default."""
-    from parlour.models import embedded_gguf
+@dataclass
+class Setup:
+    """What parlour runs, so the peer and raw llama-cpp-python can run the same."""
 
-    return embedded_gguf()
+    source: Path  # the GGUF named (or embedded)
+    model_arg: str | None  # parlour's --model, None for its embedded default
+    threads: int
+    batch_threads: int
+    flash_attn: bool
+    convert: str | None  # weight type parlour converts the file to, if any
+    weights: Path | None = None  # the file parlour actually loaded, once known
+
+    @classmethod
+    def plan(cls, model: str | None, threads: int) -> Setup:
+        """parlour's own choices for this model, read from the backend it would build."""
+        from parlour.models import build_backend, embedded_spec, spec_from_argument
+
+        spec = spec_from_argument(model) if model else embedded_spec()
+        backend: Any = build_backend(spec, threads=threads)
+        return cls(
+            source=Path(backend.path),
+            model_arg=model,
+            threads=int(backend.threads),
+            batch_threads=int(getattr(backend, "batch_threads", backend.threads)),
+            flash_attn=bool(getattr(backend, "flash_attn", False)),
+            convert=getattr(backend, "weights", None),
+        )
+
+    def find_weights(self, data_dir: Path) -> Path:
+        """The file parlour loaded: its converted copy in the cache, else the source."""
+        if self.convert:
+            copies = sorted((data_dir / "cache").glob(f"*.{self.convert}.*.gguf"))
+            if not copies:
+                raise RuntimeError(f"parlour converted no {self.convert} copy in {data_dir}")
+            self.weights = copies[-1]
+        else:
+            self.weights = self.source
+        return self.weights
+
+    def describe(self) -> str:
+        """One line for the output."""
+        loaded = self.weights.name if self.weights else "?"
+        how = f"converted by parlour to {self.convert}: {loaded}" if self.convert else "as is"
+        return (
+            f"weights: {self.source.name} ({how}); peer and raw load the same file; threads "
+            f"{self.threads}, batch threads {self.batch_threads}; flash attention "
+            f"{'on' if self.flash_attn else 'off'} (parlour's setting, given to all)"
+        )
 
 
 @contextmanager
@@ -432,10 +478,10 @@ def peer_python(mode: str) -> tuple[Path, str]:
 
 
 @contextmanager
-def parlour_server(threads: int, workdir: Path) -> Iterator[str]:
-    """`parlour serve` with the embedded model on a temp data directory."""
+def parlour_server(setup: Setup, workdir: Path) -> Iterator[str]:
+    """`parlour serve` with the model on a temp data directory."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARLOUR_")}
-    env["PARLOUR_LLAMA_THREADS"] = str(threads)
+    env["PARLOUR_LLAMA_THREADS"] = str(setup.threads)
     command = [
         sys.executable,
         "-m",
@@ -447,27 +493,34 @@ def parlour_server(threads: int, workdir: Path) -> Iterator[str]:
         str(workdir / "parlour"),
         "--log-level",
         "warning",
+        *(["--model", setup.model_arg] if setup.model_arg else []),
     ]
     with process(command, env, answers("/health"), workdir / "parlour.log") as url:
+        setup.find_weights(workdir / "parlour")
         yield url
 
 
 @contextmanager
-def peer_server(python: Path, threads: int, workdir: Path) -> Iterator[str]:
-    """llama_cpp.server on the same GGUF and threads, with the AMX-safe load setting."""
+def peer_server(python: Path, setup: Setup, workdir: Path) -> Iterator[str]:
+    """llama_cpp.server on the same weights and settings, with the AMX-safe load setting."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT)  # the launcher imports that setting from parlour
     command = [
         str(python),
         str(ROOT / "tests" / "support" / "llama_server.py"),
         "--model",
-        str(gguf_path()),
+        str(setup.weights),
         "--n_threads",
-        str(threads),
+        str(setup.threads),
         "--n_threads_batch",
-        str(threads),
+        str(setup.batch_threads),
         "--n_ctx",
         str(CONTEXT),
+        "--flash_attn",
+        str(setup.flash_attn).lower(),
+        # Its default computes logits for every prompt token; off, its prompts are faster.
+        "--logits_all",
+        "false",
         "--host",
         "127.0.0.1",
         "--port",
@@ -485,7 +538,7 @@ class Raw:
 
     name = "raw llama-cpp-python"
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, setup: Setup) -> None:
         import llama_cpp
         from llama_cpp import Llama
 
@@ -493,10 +546,11 @@ class Raw:
 
         with _without_extra_buffer_types():
             self.llm = Llama(
-                model_path=str(gguf_path()),
+                model_path=str(setup.weights),
                 n_ctx=CONTEXT,
-                n_threads=threads,
-                n_threads_batch=threads,
+                n_threads=setup.threads,
+                n_threads_batch=setup.batch_threads,
+                flash_attn=setup.flash_attn,
                 verbose=False,
             )
         self.is_eog: Callable[[int], bool] = lambda token: bool(
@@ -623,7 +677,12 @@ def errors(replies: Sequence[Reply]) -> str:
     return f" first error: {found[0]}" if found else ""
 
 
-async def run_single(targets: list[Target], raw: Raw | None, repeats: int, max_tokens: int) -> None:
+Summary = dict[str, dict[str, float]]  # target name -> measure -> median
+
+
+async def run_single(
+    targets: list[Target], raw: Raw | None, repeats: int, max_tokens: int, summary: Summary
+) -> None:
     """Single-stream TTFT and decode rate, raw llama-cpp-python as the ceiling."""
     results: dict[str, list[Reply]] = {t.name: [] for t in targets}
     if raw is not None:
@@ -646,6 +705,9 @@ async def run_single(targets: list[Target], raw: Raw | None, repeats: int, max_t
     rows = []
     for name, replies in results.items():
         rate = statistics.median(r.decode_rate for r in replies)
+        summary.setdefault(name, {})["decode"] = rate
+        if ceiling:
+            summary[name]["of raw"] = rate / ceiling
         rows.append(
             [
                 name,
@@ -666,7 +728,9 @@ async def run_single(targets: list[Target], raw: Raw | None, repeats: int, max_t
             print(f"\n{name}:{errors(replies)}")
 
 
-async def run_streams(targets: list[Target], repeats: int, max_tokens: int, streams: int) -> None:
+async def run_streams(
+    targets: list[Target], repeats: int, max_tokens: int, streams: int, summary: Summary
+) -> None:
     """Simultaneous streams: completed replies and aggregate throughput."""
     results: dict[str, list[tuple[list[Reply], float]]] = {t.name: [] for t in targets}
     for repeat in range(repeats):
@@ -675,6 +739,12 @@ async def run_streams(targets: list[Target], repeats: int, max_tokens: int, stre
             results[target.name].append(await simultaneous(target, max_tokens, streams))
     rows = []
     for name, runs in results.items():
+        summary.setdefault(name, {}).update(
+            complete=statistics.median(sum(r.complete for r in replies) for replies, _ in runs),
+            aggregate=statistics.median(
+                sum(r.tokens for r in replies) / wall for replies, wall in runs
+            ),
+        )
         rows.append(
             [
                 name,
@@ -711,7 +781,12 @@ async def run_streams(targets: list[Target], repeats: int, max_tokens: int, stre
 
 
 async def run_interleaved(
-    targets: list[Target], repeats: int, max_tokens: int, conversations: int, turns: int
+    targets: list[Target],
+    repeats: int,
+    max_tokens: int,
+    conversations: int,
+    turns: int,
+    summary: Summary,
 ) -> None:
     """Round-robin conversations: TTFT per turn, mean over the conversations."""
     results: dict[str, list[list[list[Reply]]]] = {t.name: [] for t in targets}
@@ -736,14 +811,11 @@ async def run_interleaved(
         counts = [r.prompt_tokens for run in prompts for r in run[turn] if r.prompt_tokens]
         row.append(f"{statistics.fmean(counts):.0f}" if counts else "-")
         rows.append(row)
-    ratio = ["turn 6 / turn 1" if turns == 6 else f"turn {turns} / turn 1"]
+    ratio = [f"turn {turns} / turn 1"]
     for target in targets:
-        ratio.append(
-            spread(
-                [mean_ttft(run, turns - 1) / mean_ttft(run, 0) for run in results[target.name]],
-                "{:.2f}x",
-            )
-        )
+        ratios = [mean_ttft(run, turns - 1) / mean_ttft(run, 0) for run in results[target.name]]
+        summary.setdefault(target.name, {})["ttft ratio"] = statistics.median(ratios)
+        ratio.append(spread(ratios, "{:.2f}x"))
     ratio.append("")
     rows.append(ratio)
     table(
@@ -760,6 +832,38 @@ async def run_interleaved(
             print(f"\n{name}: {len(bad)} of {len(replies)} turns incomplete.{errors(replies)}")
 
 
+def print_targets(summary: Summary, streams: int, turns: int) -> None:
+    """The issue's targets next to what this run measured."""
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    print("\nTargets (benchmarks, not assertions)\n")
+    for name in (Parlour.name, Peer.name):
+        got = summary.get(name, {})
+        lines = []
+        if "of raw" in got:
+            lines.append(
+                f"single-stream decode >= 95% of raw: {100 * got['of raw']:.0f}% "
+                f"-> {verdict(got['of raw'] >= 0.95)}"
+            )
+        if "complete" in got:
+            single = got.get("decode", 0.0)
+            ok = got["complete"] >= streams and got["aggregate"] >= single > 0
+            against = f" vs single {single:.1f}" if single else ""
+            lines.append(
+                f"{streams} streams: {got['complete']:.0f}/{streams} complete, aggregate "
+                f"{got['aggregate']:.1f} tok/s{against} -> {verdict(ok)}"
+            )
+        if "ttft ratio" in got:
+            lines.append(
+                f"interleaved TTFT turn {turns} / turn 1 <= 1.5x: {got['ttft ratio']:.2f}x "
+                f"-> {verdict(got['ttft ratio'] <= 1.5)}"
+            )
+        for line in lines:
+            print(f"- {name}: {line}")
+
+
 async def main() -> None:
     """Start both servers, run the chosen parts, print the tables."""
     from parlour.backends.llama import default_threads
@@ -767,6 +871,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--model", help="a .gguf for all three, loaded as is [parlour's default]")
     parser.add_argument("--parts", nargs="+", default=["single", "streams", "interleaved"])
     parser.add_argument("--peer-env", choices=["auto", "main"], default="auto")
     parser.add_argument("--single-tokens", type=int, default=128)
@@ -778,33 +883,41 @@ async def main() -> None:
     args = parser.parse_args()
 
     python, where = peer_python(args.peer_env)
-    print(f"model: {gguf_path().name}; threads (decode and batch): {args.threads}")
+    setup = Setup.plan(args.model, args.threads)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs; python {platform.python_version()}"
     )
     print(f"peer: llama_cpp.server from {where}")
     print(f"load average at start: {load()}")
+    summary: Summary = {}
     with tempfile.TemporaryDirectory(prefix="bench-sessions-") as temp:
         workdir = Path(temp)
         with (
-            parlour_server(args.threads, workdir) as parlour_url,
-            peer_server(python, args.threads, workdir) as peer_url,
+            parlour_server(setup, workdir) as parlour_url,
+            peer_server(python, setup, workdir) as peer_url,
         ):
+            print(setup.describe())
             targets: list[Target] = [Parlour(parlour_url), Peer(peer_url)]
             for target in targets:  # warm-up: first-request setup, page cache
                 await single(target, 8)
             if "single" in args.parts:
-                raw = Raw(args.threads)
+                raw = Raw(setup)
                 try:
-                    await run_single(targets, raw, args.repeats, args.single_tokens)
+                    await run_single(targets, raw, args.repeats, args.single_tokens, summary)
                 finally:
                     raw.close()
             if "streams" in args.parts:
-                await run_streams(targets, args.repeats, args.stream_tokens, args.streams)
+                await run_streams(targets, args.repeats, args.stream_tokens, args.streams, summary)
             if "interleaved" in args.parts:
                 await run_interleaved(
-                    targets, args.repeats, args.turn_tokens, args.conversations, args.turns
+                    targets,
+                    args.repeats,
+                    args.turn_tokens,
+                    args.conversations,
+                    args.turns,
+                    summary,
                 )
+    print_targets(summary, args.streams, args.turns)
     print(f"\nload average at end: {load()}")
 
 

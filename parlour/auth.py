@@ -32,6 +32,13 @@ LEEWAY_S = 10
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 #: Owner ids of JWT subjects are remembered (owners are never renamed or removed).
 OWNER_CACHE_SIZE = 10_000
+#: Seconds for which "does an active API key exist" is remembered instead of asked per
+#: request: keys created or revoked by another process (`parlour key ...`) switch
+#: authentication on or off within this time; in this process, at once.
+KEYS_RECHECK_S = 1.0
+
+#: Bumped whenever this process creates or revokes a key, so remembered answers are dropped.
+_key_changes = 0
 
 HOW_TO_AUTHENTICATE = (
     "Send `Authorization: Bearer <token>` with an API key (`parlour key create --owner NAME`) "
@@ -116,7 +123,14 @@ async def create_key(db: Database, *, owner: str, admin: bool = False) -> NewKey
         )
         session.add(key)
         await session.flush()
-        return NewKey(info=_info(key, row.name), secret=secret)
+        new = NewKey(info=_info(key, row.name), secret=secret)
+    _keys_changed()
+    return new
+
+
+def _keys_changed() -> None:
+    global _key_changes
+    _key_changes += 1
 
 
 async def list_keys(db: Database) -> list[KeyInfo]:
@@ -148,7 +162,9 @@ async def revoke_key(db: Database, ident: str) -> KeyInfo:
         key, owner = found[0]
         if key.revoked_at is None:
             key.revoked_at = utcnow()
-        return _info(key, owner)
+        info = _info(key, owner)
+    _keys_changed()
+    return info
 
 
 async def active_keys_exist(db: Database) -> bool:
@@ -342,6 +358,8 @@ class Authenticator:
         self.jwt = jwt_verifier
         self.open_without_auth = open_without_auth
         self._owners: dict[str, uuid.UUID] = {}
+        #: (when asked, _key_changes then, the answer) of the last active_keys_exist().
+        self._keys_exist: tuple[float, int, bool] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, db: Database, local: Principal) -> Authenticator:
@@ -355,7 +373,15 @@ class Authenticator:
 
     async def required(self) -> bool:
         """True when requests must carry a valid token."""
-        return self.jwt is not None or await active_keys_exist(self.db)
+        if self.jwt is not None:
+            return True
+        now = time.monotonic()
+        known = self._keys_exist
+        if known is None or now - known[0] > KEYS_RECHECK_S or known[1] != _key_changes:
+            changes = _key_changes
+            known = (now, changes, await active_keys_exist(self.db))
+            self._keys_exist = known
+        return known[2]
 
     async def principal(self, authorization: str | None) -> Principal:
         """Who a request with this Authorization header acts for, or Unauthorized."""

@@ -14,13 +14,15 @@ from sqlalchemy.exc import IntegrityError
 from . import bots, knowledge, usage
 from .backends.base import ChatMessage, FinishReason, GenerationParams
 from .context import HistoryItem, check_fits, fit_with_knowledge, system_messages
-from .errors import InvalidRequest, NotFound
+from .errors import InvalidRequest, NotFound, ParlourError
 from .generation import GenerationStream
+from .history import HistoryCache
+from .knowledge import Hit
 from .locks import turn_locks
 from .models import LoadedModel, ModelRegistry
 from .store import queries
 from .store.db import Database
-from .store.tables import Bot, Conversation, Message
+from .store.tables import Bot, Conversation, Message, utcnow
 
 if TYPE_CHECKING:
     from .stateless import CompletionRequest, CompletionStream
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_TITLE = "New conversation"
+#: Session keys whose conversation this process remembers (forgotten all at once when full).
+SESSION_CACHE_SIZE = 100_000
 TITLE_LENGTH = 80
 
 
@@ -116,6 +120,16 @@ class TurnRequest:
     bot_id: uuid.UUID | None = None
     user_id: str | None = None
     dialect: str | None = None
+    #: When set, the turn goes ahead only while the conversation is still bound to this
+    #: session key; otherwise it fails with SessionMoved before writing anything.
+    session_key: str | None = None
+
+
+class SessionMoved(ParlourError):
+    """The session key no longer names the conversation a turn was started on."""
+
+    status = 409
+    code = "session_moved"
 
 
 @dataclass(frozen=True)
@@ -150,13 +164,19 @@ class TurnStream(GenerationStream[TurnResult]):
         engine, request = self._engine, self._request
         if self._cancel_requested:
             raise asyncio.CancelledError
-        async with engine.db.session() as session, session.begin():
-            conversation = await queries.conversation_for_owner(
-                session, request.owner_id, request.conversation_id
+        # Core statements on one connection per transaction: this runs for every message.
+        async with engine.db.begin() as conn:
+            found = await queries.conversation_for_turn(
+                conn, request.owner_id, request.conversation_id
             )
-            if conversation is None:
+            if request.session_key is not None and (
+                found is None or found[0].session_key != request.session_key
+            ):
+                raise SessionMoved("The session moved to another conversation; try again.")
+            if found is None:
                 raise NotFound("Conversation not found")
-            bot = await session.get(Bot, conversation.bot_id) if conversation.bot_id else None
+            conversation, last_position = found
+            bot, hits = await _bot_and_knowledge(engine.db, conversation.bot_id, request.content)
             plan = plan_turn(
                 engine.models,
                 content=request.content,
@@ -171,36 +191,54 @@ class TurnStream(GenerationStream[TurnResult]):
             )
             model, backend, new, budget = plan.model, plan.model.backend, plan.new, plan.budget
             self.model = model.spec.name
-            hits = (
-                await knowledge.retrieve(session, request.content, kb_id=bot.kb_id)
-                if bot is not None and bot.enable_l0_retrieval
-                else []
-            )
+            changes: dict[str, str] = {}
             if request.system_prompt is not None and request.system_prompt != (
                 conversation.system_prompt
             ):
-                conversation.system_prompt = request.system_prompt
+                changes["system_prompt"] = request.system_prompt
             if not conversation.title or conversation.title == DEFAULT_TITLE:
                 title = " ".join(request.content.split())[:TITLE_LENGTH]
                 if title:
-                    conversation.title = title
-            history = await queries.list_messages(session, conversation.id)
-            user_message = await queries.append_message(
-                session,
-                conversation,
+                    changes["title"] = title
+            # Every message costs at least one token, so no more messages than the prompt
+            # has tokens of room can fit: older ones need not be read.
+            limit = backend.context_length - budget
+            last = last_position if last_position is not None else -1
+            history = engine.history.get(conversation.id, last, limit)
+            loaded = history is None
+            if history is None:
+                rows = await queries.recent_history(conn, conversation.id, limit=limit)
+                history = [
+                    HistoryItem(ChatMessage(role, content), tokens)  # type: ignore[arg-type]
+                    for role, content, tokens in rows
+                ]
+            now = utcnow()
+            user_message = await queries.insert_message(
+                conn,
+                conversation_id=conversation.id,
+                position=last + 1,
                 role="user",
                 content=request.content,
                 token_count=backend.count_tokens(request.content),
+                now=now,
             )
+            await queries.touch_conversation(conn, conversation, now, **changes)
+        if loaded:
+            engine.history.put(
+                conversation.id, last, history, complete=len(history) < limit, keep=limit
+            )
+        engine.history.append(
+            conversation.id,
+            last,
+            HistoryItem(new, user_message.token_count),
+            user_message.position,
+            keep=limit,
+        )
         fitted, _kept = fit_with_knowledge(
             backend,
             parts=plan.system,
             hits=hits,
-            history=[
-                HistoryItem(ChatMessage(m.role, m.content), m.token_count)  # type: ignore[arg-type]
-                for m in history
-                if m.role in ("user", "assistant")
-            ],
+            history=history,
             new=new,
             reply_budget=budget,
         )
@@ -214,19 +252,25 @@ class TurnStream(GenerationStream[TurnResult]):
             prompt_tokens=fitted.prompt_tokens,
             session=str(conversation.id),
         )
-        async with engine.db.session() as session, session.begin():
-            assistant = await queries.append_message(
-                session,
-                conversation,
+        async with engine.db.begin() as conn:
+            now = utcnow()
+            assistant = await queries.insert_message(
+                conn,
+                conversation_id=conversation.id,
+                # The turn lock is still held (across processes too), so nothing else
+                # has written to this conversation since the user message.
+                position=user_message.position + 1,
                 role="assistant",
                 content=generated.text,
                 token_count=backend.count_tokens(generated.text),
                 model_tag=model.spec.name,
                 inference_time_ms=generated.elapsed_ms,
                 finish_reason=generated.finish_reason,
+                now=now,
             )
-            await usage.record(
-                session,
+            await queries.touch_conversation(conn, conversation, now)
+            await usage.add(
+                conn,
                 owner_id=request.owner_id,
                 bot_id=request.bot_id or (bot.uid if bot is not None else None),
                 model=model.spec.name,
@@ -234,7 +278,15 @@ class TurnStream(GenerationStream[TurnResult]):
                 dialect=request.dialect,
                 prompt_tokens=generated.prompt_tokens,
                 completion_tokens=generated.completion_tokens,
+                now=now,
             )
+        engine.history.append(
+            conversation.id,
+            user_message.position,
+            HistoryItem(ChatMessage("assistant", assistant.content), assistant.token_count),
+            assistant.position,
+            keep=limit,
+        )
         self._finish(
             TurnResult(
                 conversation=conversation,
@@ -248,6 +300,23 @@ class TurnStream(GenerationStream[TurnResult]):
         )
 
 
+async def _bot_and_knowledge(
+    db: Database, bot_id: uuid.UUID | None, content: str | None
+) -> tuple[Bot | None, list[Hit]]:
+    """A bot and the knowledge it retrieves for `content` (None: no retrieval); a read
+    session is opened only when there is a bot."""
+    if bot_id is None:
+        return None, []
+    async with db.read() as session, session.begin():
+        bot = await session.get(Bot, bot_id)
+        hits = (
+            await knowledge.retrieve(session, content, kb_id=bot.kb_id)
+            if bot is not None and bot.enable_l0_retrieval and content is not None
+            else []
+        )
+    return bot, hits
+
+
 class Engine:
     """The shared core every dialect calls: conversations, sessions and turns."""
 
@@ -256,6 +325,10 @@ class Engine:
         self.models = models
         self.locks = turn_locks(db.url, is_sqlite=db.is_sqlite)
         self.running: set[GenerationStream[object]] = set()
+        self.history = HistoryCache()
+        #: (owner, session key) -> conversation id, as last seen by this process; a turn
+        #: re-checks the binding in its own transaction (see TurnRequest.session_key).
+        self._sessions: dict[tuple[uuid.UUID, str], uuid.UUID] = {}
 
     async def owner_id(self, name: str) -> uuid.UUID:
         """The id of the owner with this name, created on first use."""
@@ -280,9 +353,9 @@ class Engine:
         once that message is known to fit, so a rejected message leaves no empty conversation.
         """
         for _ in range(3):
-            async with self.db.read() as session, session.begin():
-                found = await queries.conversation_for_session(session, owner_id, session_key)
-                bot = await session.get(Bot, bot_id) if bot_id is not None else None
+            async with self.db.begin_read() as conn:
+                found = await queries.conversation_for_session_key(conn, owner_id, session_key)
+            bot, _ = await _bot_and_knowledge(self.db, bot_id, None)
             if bot_id is not None and bot is None:
                 raise NotFound("Bot not found; `parlour bot list` shows the bots.")
             if found is not None:
@@ -320,8 +393,52 @@ class Engine:
                 continue  # another request created it first; read theirs
         raise InvalidRequest("Could not open the session; try again.")  # pragma: no cover
 
+    async def session_turn(
+        self, request: TurnRequest, *, session_key: str, model: str | None
+    ) -> TurnStream:
+        """Start a turn on the conversation bound to `session_key` (created on first use, as
+        session_conversation() does; `request.conversation_id` is ignored) and wait until
+        its user message is stored.
+
+        The binding is remembered in this process, so a turn needs no lookup of its own;
+        the turn re-checks it in the transaction that stores the message, so a key that
+        /new moved or whose conversation was deleted, here or in another process, costs
+        a retry and never puts a message in the wrong conversation.
+        """
+        key = (request.owner_id, session_key)
+        for attempt in range(3):
+            conversation_id = self._sessions.get(key) if attempt == 0 else None
+            if conversation_id is None:
+                conversation_id = (
+                    await self.session_conversation(
+                        owner_id=request.owner_id,
+                        session_key=session_key,
+                        model=model,
+                        content=request.content,
+                        system_prompt=request.system_prompt,
+                        sampling=request.sampling,
+                    )
+                ).id
+                if len(self._sessions) >= SESSION_CACHE_SIZE:
+                    self._sessions.clear()
+                self._sessions[key] = conversation_id
+            turn = self.turn(
+                replace(request, conversation_id=conversation_id, session_key=session_key)
+            )
+            try:
+                await turn.started()
+            except SessionMoved:
+                self._sessions.pop(key, None)
+                continue
+            except BaseException:
+                turn.cancel()
+                raise
+            return turn
+        raise InvalidRequest("Could not open the session; try again.")  # pragma: no cover
+
     async def reset_session(self, *, owner_id: uuid.UUID, session_key: str) -> None:
         """Unbind a session key so the next message starts a fresh conversation."""
+        self._sessions.pop((owner_id, session_key), None)
         async with self.db.session() as session, session.begin():
             await session.execute(
                 update(Conversation)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from .store.db import TransactionConnection
 from .store.tables import Bot, Usage, utcnow
 
 
@@ -38,6 +39,38 @@ async def record(
         )
     )
     await session.flush()
+
+
+_INSERT_USAGE = insert(cast(Table, Usage.__table__))
+
+
+async def add(
+    conn: TransactionConnection,
+    *,
+    owner_id: uuid.UUID,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    bot_id: uuid.UUID | None = None,
+    user_id: str | None = None,
+    dialect: str | None = None,
+    now: datetime | None = None,
+) -> None:
+    """Add one generation's tokens with a Core statement, inside the caller's transaction."""
+    await conn.execute(
+        _INSERT_USAGE,
+        {
+            "id": uuid.uuid4(),
+            "owner_id": owner_id,
+            "bot_id": bot_id,
+            "model": model,
+            "user_id": user_id[:255] if user_id is not None else None,
+            "dialect": dialect,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "created_at": now or utcnow(),
+        },
+    )
 
 
 @dataclass(frozen=True)

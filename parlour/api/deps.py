@@ -15,19 +15,20 @@ from ..models import ModelRegistry
 from ..settings import Settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     """The app's engine."""
+    # These are async only so FastAPI calls them in place instead of in its thread pool.
     engine: Engine = request.app.state.engine
     return engine
 
 
-def get_models(request: Request) -> ModelRegistry:
+async def get_models(request: Request) -> ModelRegistry:
     """The app's model registry."""
     models: ModelRegistry = request.app.state.models
     return models
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     """The app's settings."""
     settings: Settings = request.app.state.settings
     return settings

@@ -37,6 +37,9 @@ HELP_TEXT = (
     "/help - show this list"
 )
 
+#: session_turn() finds the conversation from the session key.
+NO_CONVERSATION = uuid.UUID(int=0)
+
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/models", "/v1/completions", "/v1/embeddings")
 
 
@@ -259,33 +262,20 @@ async def start_turn(
     system_prompt: str | None,
 ) -> TurnStream:
     """Open (or create) the session's conversation and start a turn on it."""
-    sampling = _sampling(body)
-    conversation = await engine.session_conversation(
-        owner_id=owner_id,
-        session_key=session_key,
-        model=body.model,
-        content=content,
-        system_prompt=system_prompt,
-        sampling=sampling,
-    )
-    turn = engine.turn(
+    return await engine.session_turn(
         TurnRequest(
             owner_id=owner_id,
-            conversation_id=conversation.id,
+            conversation_id=NO_CONVERSATION,
             content=content,
-            sampling=sampling,
+            sampling=_sampling(body),
             model=body.model if body.model and engine.models.knows(body.model) else None,
             system_prompt=system_prompt,
             user_id=body.user,
             dialect="openai",
-        )
+        ),
+        session_key=session_key,
+        model=body.model,
     )
-    try:
-        await turn.started()
-    except BaseException:
-        turn.cancel()
-        raise
-    return turn
 
 
 @router.get("/v1/models", summary="The configured models and their aliases.")

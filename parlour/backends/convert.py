@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -86,13 +86,14 @@ def converted(source: Path, cache_dir: Path, weights: str, *, threads: int = 1) 
 
 def _remove_leftovers(cache_dir: Path, source: Path, weights: str, *, keep: Path) -> None:
     """Drop copies of an older version of the source and temp files of dead processes."""
-    for old in cache_dir.glob(f"{source.stem}.{weights}.*.gguf"):
-        if old != keep:
-            old.unlink(missing_ok=True)
+    stale = [old for old in cache_dir.glob(f"{source.stem}.{weights}.*.gguf") if old != keep]
     for temp in cache_dir.glob(f".{source.stem}.*.tmp"):
         pid = temp.name.rsplit(".", 2)[-2]
         if pid.isdigit() and not _alive(int(pid)):
-            temp.unlink(missing_ok=True)
+            stale.append(temp)
+    for path in stale:
+        with suppress(OSError):  # e.g. still open by another process on Windows
+            path.unlink()
 
 
 def _alive(pid: int) -> bool:

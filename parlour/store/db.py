@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, text
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+
+from . import sqlite
+
+#: What begin() and begin_read() yield: both run Core statements with `await conn.execute`.
+TransactionConnection = AsyncConnection | sqlite.InPlace
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 READONLY = "parlour_readonly"
@@ -37,7 +44,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    # The write lock's owner checkpoints on a worker thread (see store/sqlite.py).
+    cursor.execute("PRAGMA wal_autocheckpoint=0")
+    # No busy_timeout: its handler sleeps on the event loop's thread. A busy database is
+    # waited for asynchronously instead (parlour/store/sqlite.py).
     cursor.close()
 
 
@@ -46,7 +56,7 @@ def _sqlite_begin(conn: Connection) -> None:
     # write can otherwise deadlock, and SQLite answers that with an error, not a wait.
     # Read-only sessions (Database.read) begin DEFERRED and never block writers in WAL.
     readonly = conn.get_execution_options().get(READONLY, False)
-    conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+    conn.exec_driver_sql("BEGIN" if readonly else sqlite.BEGIN_WRITE)
 
 
 class Database:
@@ -57,11 +67,27 @@ class Database:
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         kwargs: dict[str, Any] = {}
+        self.gate = sqlite.WriteGate()
+        #: SQLite file only: a synchronous engine on the same file for `begin()`.
+        self.in_place: Engine | None = None
         if self.is_sqlite:
             database = parsed.database
             if database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {"timeout": 30}
+                self.gate = sqlite.WriteGate(database)
+                self.in_place = create_engine(
+                    f"sqlite:///{database}",
+                    connect_args={
+                        "timeout": 0,
+                        "isolation_level": None,
+                        "check_same_thread": False,
+                    },
+                )
+                event.listen(self.in_place, "connect", _sqlite_pragmas)
+                event.listen(self.in_place, "begin", _sqlite_begin)
+            # Statements run on the event loop's thread; this process's write
+            # transactions take turns on one lock instead of SQLite's busy handler.
+            kwargs["async_creator"] = sqlite.connector(database or ":memory:", self.gate)
         else:
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
@@ -69,9 +95,8 @@ class Database:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        self.read_sessions = async_sessionmaker(
-            self.engine.execution_options(**{READONLY: True}), expire_on_commit=False
-        )
+        self.read_engine = self.engine.execution_options(**{READONLY: True})
+        self.read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False)
 
     def session(self) -> AsyncSession:
         """A new session; use as `async with db.session() as s, s.begin(): ...`."""
@@ -80,6 +105,22 @@ class Database:
     def read(self) -> AsyncSession:
         """A session for reads only: on SQLite it does not take the write lock."""
         return self.read_sessions()
+
+    def begin(self) -> AbstractAsyncContextManager[TransactionConnection]:
+        """A connection in a write transaction, committed when the block ends: for the Core
+        statements every turn runs, much cheaper than a session. On a SQLite file the
+        statements run synchronously in place."""
+        if self.in_place is not None:
+            return sqlite.in_place(self.in_place, self.gate, write=True)
+        return self.engine.begin()
+
+    def begin_read(self) -> AbstractAsyncContextManager[TransactionConnection]:
+        """Like begin(), for reads only (no write lock on SQLite)."""
+        if self.in_place is not None:
+            return sqlite.in_place(
+                self.in_place.execution_options(**{READONLY: True}), self.gate, write=False
+            )
+        return self.read_engine.begin()
 
     async def migrate(self) -> None:
         """Bring the schema to the newest migration."""
@@ -98,4 +139,7 @@ class Database:
 
     async def close(self) -> None:
         """Dispose of every pooled connection."""
+        await self.gate.close()
         await self.engine.dispose()
+        if self.in_place is not None:
+            self.in_place.dispose()

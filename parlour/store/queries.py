@@ -1,17 +1,52 @@
-"""The queries every dialect shares, as plain functions over an AsyncSession."""
+"""The queries every dialect shares: plain functions over an AsyncSession, or over a
+Database.begin() connection for the statements every turn runs."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from .db import TransactionConnection
 from .tables import Conversation, Message, Owner, utcnow
 
 LOCAL_OWNER = "local"
+
+# The hot path of a turn uses Core statements on a connection, built once: an ORM
+# session costs several times more per statement than the statement itself.
+CONVERSATIONS = cast(Table, Conversation.__table__)
+MESSAGES = cast(Table, Message.__table__)
+_conv, _msg = CONVERSATIONS.c, MESSAGES.c
+_LAST_POSITION = (
+    select(func.max(_msg.position))
+    .where(_msg.conversation_id == _conv.id)
+    .scalar_subquery()
+    .label("last_position")
+)
+_CONVERSATION_FOR_TURN = select(CONVERSATIONS, _LAST_POSITION).where(
+    _conv.id == bindparam("id"), _conv.owner_id == bindparam("owner")
+)
+_CONVERSATION_FOR_SESSION = select(CONVERSATIONS).where(
+    _conv.owner_id == bindparam("owner"), _conv.session_key == bindparam("key")
+)
+_RECENT_HISTORY = (
+    select(_msg.role, _msg.content, _msg.token_count)
+    .where(
+        _msg.conversation_id == bindparam("id"),
+        or_(_msg.role == "user", _msg.role == "assistant"),
+    )
+    .order_by(_msg.position.desc())
+    .limit(bindparam("limit"))
+)
+_INSERT_MESSAGE = insert(MESSAGES)
+_TOUCH_CONVERSATION = (
+    update(CONVERSATIONS).where(_conv.id == bindparam("cid")).values(updated_at=bindparam("now"))
+)
 
 
 async def ensure_owner(session: AsyncSession, name: str) -> Owner:
@@ -130,6 +165,92 @@ async def append_message(
     conversation.updated_at = now
     await session.flush()
     return message
+
+
+async def conversation_for_turn(
+    conn: TransactionConnection, owner_id: uuid.UUID, conversation_id: uuid.UUID
+) -> tuple[Conversation, int | None] | None:
+    """A conversation of this owner (detached from any session) with its last message's
+    position, or None."""
+    row = (
+        await conn.execute(_CONVERSATION_FOR_TURN, {"id": conversation_id, "owner": owner_id})
+    ).first()
+    if row is None:
+        return None
+    values = row._asdict()
+    last: int | None = values.pop("last_position")
+    return Conversation(**values), last
+
+
+async def conversation_for_session_key(
+    conn: TransactionConnection, owner_id: uuid.UUID, session_key: str
+) -> Conversation | None:
+    """The conversation bound to an OpenAI-dialect session key, detached from any session."""
+    row = (
+        await conn.execute(_CONVERSATION_FOR_SESSION, {"owner": owner_id, "key": session_key})
+    ).first()
+    return None if row is None else Conversation(**row._asdict())
+
+
+async def recent_history(
+    conn: TransactionConnection, conversation_id: uuid.UUID, *, limit: int
+) -> list[tuple[str, str, int]]:
+    """The newest `limit` user and assistant messages (role, content, token_count), oldest
+    first."""
+    rows = await conn.execute(_RECENT_HISTORY, {"id": conversation_id, "limit": max(0, limit)})
+    # Rows unpack like (role, content, token_count) tuples; no per-row copy is needed.
+    history = cast(list[tuple[str, str, int]], list(rows.all()))
+    history.reverse()
+    return history
+
+
+async def insert_message(
+    conn: TransactionConnection,
+    *,
+    conversation_id: uuid.UUID,
+    position: int,
+    role: str,
+    content: str,
+    token_count: int,
+    now: datetime,
+    model_tag: str | None = None,
+    inference_time_ms: int | None = None,
+    finish_reason: str | None = None,
+) -> Message:
+    """Insert a message at `position` (the caller holds the conversation's turn lock) and
+    return it, detached from any session."""
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "conversation_id": conversation_id,
+        "position": position,
+        "role": role,
+        "content": content,
+        "token_count": token_count,
+        "model_tag": model_tag,
+        "inference_time_ms": inference_time_ms,
+        "finish_reason": finish_reason,
+        "created_at": now,
+    }
+    await conn.execute(_INSERT_MESSAGE, values)
+    return Message(**values)
+
+
+async def touch_conversation(
+    conn: TransactionConnection, conversation: Conversation, now: datetime, **changes: Any
+) -> None:
+    """Set a conversation's `updated_at` (and any changed columns) in the database and on
+    the object."""
+    if changes:
+        await conn.execute(
+            update(CONVERSATIONS)
+            .where(_conv.id == conversation.id)
+            .values(updated_at=now, **changes)
+        )
+        for name, value in changes.items():
+            setattr(conversation, name, value)
+    else:
+        await conn.execute(_TOUCH_CONVERSATION, {"cid": conversation.id, "now": now})
+    conversation.updated_at = now
 
 
 async def list_conversations(
