@@ -445,10 +445,12 @@ def print_report(
         f"n_batch = n_ubatch = {config.n_batch}, flash attention "
         f"{'on' if config.flash_attn else 'off'}, use_extra_bufts off"
     )
-    print(
-        f"conversion to {config.weights or 'nothing'}: {convert_seconds:.2f} s; "
-        f"parlour start to ready (fresh data dir): {ready_seconds:.2f} s"
+    conversion = (
+        f"conversion to {config.weights}: {convert_seconds:.2f} s"
+        if config.weights
+        else "no conversion"
     )
+    print(f"{conversion}; parlour start to ready (fresh data dir): {ready_seconds:.2f} s")
     print(
         f"{options.rounds} rounds, alternating; replies of up to {options.tokens} tokens "
         f"(parlour's median {results.median_count('reply')}); history prompt "

@@ -5,18 +5,22 @@ Two tables, every row measured in the same run:
 1. Persisted turns with the scripted backend (instant): non-streamed
    `POST /v1/chat/completions` with `x-session-key`, on SQLite and on a fresh
    PostgreSQL database, at 1 and 16 connections. Each connection has its own
-   session (a new one every `--turns-per-session` turns), plus a row where 16
-   connections share 4 sessions, so turns queue on each conversation's lock.
+   session (a new one every `--turns-per-session` turns). Two more rows: 16
+   connections sharing 4 sessions (turns queue on each conversation's lock), and 16
+   connections paced to `--paced` turns/s in all, for latency at a given load.
 2. Gateways in front of the same instant fake upstream (tests/support/fake_upstream.py):
-   the upstream directly (the load generator's ceiling), parlour's `openai` backend
-   (persisted turns, SQLite), and LiteLLM proxy (stateless, from a bench-only
-   virtualenv in bench/.peers/litellm that this script creates).
+   the upstream alone (what the load generator and one small server can do),
+   parlour's `openai` backend (persisted turns, SQLite) and LiteLLM proxy (stateless,
+   from a bench-only virtualenv, bench/.peers/litellm, that this script creates).
 
-The load generator (asyncio + httpx, keep-alive, in this process) shares the
-machine's cores with the servers it measures.
+The load generator runs in this process: keep-alive HTTP/1.1 connections on asyncio
+streams (`--client httpx` uses httpx instead, which costs several times more CPU per
+request). It shares the machine's cores with the servers it measures. Each row also
+gives the server's own CPU time per request, which depends far less on that sharing.
 
-    python bench/bench_gateway.py [--seconds 10] [--connections 1 16] [--no-postgres]
-                                  [--no-litellm] [--only persisted upstream]
+    python bench/bench_gateway.py [--seconds 10] [--connections 1 16] [--paced 1000]
+        [--turns-per-session 50] [--databases sqlite postgresql] [--no-litellm]
+        [--only persisted upstream]
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,31 +46,42 @@ import asyncpg
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = ROOT / "bench" / ".peers"
-LITELLM_ENV = PEERS / "litellm"
+LITELLM_ENV = ROOT / "bench" / ".peers" / "litellm"
 POSTGRES_ADMIN = os.environ.get(
     "PARLOUR_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 #: Words in each fake upstream reply.
 UPSTREAM_WORDS = 20
+CHAT = "/v1/chat/completions"
+
+Send = Callable[[dict[str, str], bytes], Awaitable[int]]
 
 
 @dataclass
 class Cell:
-    """One row: a configuration's completed requests and their latencies."""
+    """One row: a configuration's completed requests, their latencies and server CPU."""
 
     label: str
     connections: int
     sessions: str
+    #: Requests per second offered in all (None: each connection sends when it can).
+    paced: float | None = None
     seconds: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
+    cpu_seconds: float = 0.0
     failure: str | None = None
 
     @property
     def rate(self) -> float:
         """Completed requests per second."""
         return len(self.latencies_ms) / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_ms(self) -> float:
+        """The server's CPU time per completed request, in milliseconds."""
+        done = len(self.latencies_ms)
+        return 1000 * self.cpu_seconds / done if done else float("nan")
 
     def percentile(self, q: float) -> float:
         """A latency percentile in milliseconds."""
@@ -82,6 +97,40 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def machine() -> str:
+    """The CPU model, how many cores this process may use, and the load right now."""
+    model = "unknown CPU"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, load average {load}"
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and all its descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    used: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        total += used.get(current, 0.0)
+        pending.extend(children.get(current, []))
+    return total
 
 
 class Connection:
@@ -117,7 +166,7 @@ class Connection:
     async def _response(self, reader: asyncio.StreamReader) -> tuple[int, bytes]:
         lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
-        fields = {}
+        fields: dict[str, str] = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
             fields[name.strip().lower()] = value.strip()
@@ -126,9 +175,9 @@ class Connection:
         elif fields.get("transfer-encoding", "").lower() == "chunked":
             parts = []
             while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
-                parts.append(await reader.readexactly(size + 2))
+                parts.append((await reader.readexactly(size + 2))[:-2])
             await reader.readuntil(b"\r\n")
-            payload = b"".join(p[:-2] for p in parts)
+            payload = b"".join(parts)
         else:
             payload = await reader.read()
         if fields.get("connection", "").lower() == "close":
@@ -144,17 +193,6 @@ class Connection:
         self.reader = self.writer = None
 
 
-def machine() -> str:
-    """The CPU model and how many cores this process may use."""
-    model = "unknown CPU"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    return f"{model}, {len(os.sched_getaffinity(0))} cores"
-
-
 class Server:
     """A child process serving HTTP on a port, with its output kept in a log file."""
 
@@ -168,20 +206,20 @@ class Server:
                 argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
             )
 
+    def cpu(self) -> float:
+        """CPU seconds the server's processes have used so far."""
+        return process_cpu(self.process.pid)
+
     def wait_ready(self, path: str, timeout: float) -> None:
         """Poll `path` until it answers 200; raise with the log's tail if it never does."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            try:
+        while time.monotonic() < deadline and self.process.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url + path, timeout=2).status_code == 200:
                     return
-            except httpx.HTTPError:
-                pass
             time.sleep(0.2)
-        self.stop()
         tail = self.log.read_text(errors="replace").strip().splitlines()[-5:]
+        self.stop()
         raise RuntimeError(f"{self.name} did not start: " + " / ".join(tail))
 
     def stop(self) -> None:
@@ -226,187 +264,6 @@ def fake_upstream() -> Server:
     return Server("fake-upstream", argv, dict(os.environ), port)
 
 
-async def postgres_admin(statement: str) -> None:
-    """Run one statement on the PostgreSQL server's admin database."""
-    connection = await asyncpg.connect(POSTGRES_ADMIN)
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
-@contextlib.asynccontextmanager
-async def fresh_postgres() -> Any:
-    """A new empty PostgreSQL database, dropped afterwards; yields its asyncpg URL."""
-    name = f"parlour_bench_{uuid.uuid4().hex[:10]}"
-    await postgres_admin(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN.replace("postgresql://", "postgresql+asyncpg://").rsplit("/", 1)[0]
-    try:
-        yield f"{base}/{name}"
-    finally:
-        await postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-async def drive(
-    url: str,
-    *,
-    connections: int,
-    seconds: float,
-    body: dict[str, Any],
-    sessions: int | None,
-    turns_per_session: int,
-    client: str = "raw",
-    cell: Cell | None = None,
-) -> None:
-    """Send non-streamed chat requests from `connections` clients for `seconds`.
-
-    With `sessions` None no session header is sent; with 0 each connection has its own
-    session, renewed every `turns_per_session` turns (0: never); otherwise the connections
-    share that many sessions. Latencies and errors go into `cell` when given.
-    """
-    deadline = time.perf_counter() + seconds
-    run = uuid.uuid4().hex[:8]
-    target = httpx.URL(url)
-
-    def request(index: int, turn: int, generation: int) -> tuple[dict[str, str], bytes]:
-        headers: dict[str, str] = {}
-        if sessions == 0:
-            headers["x-session-key"] = f"bench-{run}-{index}-{generation}"
-        elif sessions is not None:
-            headers["x-session-key"] = f"bench-{run}-shared-{index % sessions}"
-        payload = {**body, "messages": [{"role": "user", "content": f"hello turn {turn}"}]}
-        return headers, json.dumps(payload).encode()
-
-    async def client_loop(
-        send: Callable[[dict[str, str], bytes], Awaitable[int]], index: int
-    ) -> None:
-        generation, turn = 0, 0
-        while time.perf_counter() < deadline:
-            if turns_per_session and turn >= turns_per_session:
-                generation, turn = generation + 1, 0
-            headers, payload = request(index, turn, generation)
-            began = time.perf_counter()
-            try:
-                ok = await send(headers, payload) == 200
-            except (OSError, httpx.HTTPError, asyncio.IncompleteReadError):
-                ok = False
-            if cell is not None:
-                if ok:
-                    cell.latencies_ms.append((time.perf_counter() - began) * 1000)
-                else:
-                    cell.errors += 1
-            turn += 1
-
-    if client == "httpx":
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        async with httpx.AsyncClient(limits=limits, timeout=60) as pool:
-
-            async def send_httpx(headers: dict[str, str], payload: bytes) -> int:
-                headers = {**headers, "content-type": "application/json"}
-                return (await pool.post(target, headers=headers, content=payload)).status_code
-
-            await asyncio.gather(*(client_loop(send_httpx, i) for i in range(connections)))
-        return
-    sockets = [Connection(target.host, target.port or 80) for _ in range(connections)]
-
-    def sender(conn: Connection) -> Callable[[dict[str, str], bytes], Awaitable[int]]:
-        async def send(headers: dict[str, str], payload: bytes) -> int:
-            status, _ = await asyncio.wait_for(
-                conn.post(target.raw_path.decode(), headers, payload), 60
-            )
-            return status
-
-        return send
-
-    try:
-        await asyncio.gather(*(client_loop(sender(c), i) for i, c in enumerate(sockets)))
-    finally:
-        for conn in sockets:
-            await conn.close()
-
-
-async def measure(
-    cell: Cell,
-    url: str,
-    *,
-    body: dict[str, Any],
-    sessions: int | None,
-    args: argparse.Namespace,
-) -> Cell:
-    """Warm up, then measure one cell; print a progress line."""
-    options = {
-        "connections": cell.connections,
-        "body": body,
-        "sessions": sessions,
-        "client": args.client,
-    }
-    await drive(url, seconds=args.warmup, turns_per_session=args.turns_per_session, **options)
-    began = time.perf_counter()
-    await drive(
-        url, seconds=args.seconds, turns_per_session=args.turns_per_session, cell=cell, **options
-    )
-    cell.seconds = time.perf_counter() - began
-    print(
-        f"  {cell.label}, {cell.connections} conn, {cell.sessions}: {cell.rate:.0f}/s "
-        f"p50 {cell.percentile(0.5):.1f} ms, {cell.errors} errors",
-        file=sys.stderr,
-        flush=True,
-    )
-    return cell
-
-
-def table(title: str, unit: str, cells: list[Cell]) -> str:
-    """Render cells as a fixed-width table."""
-    width = max(len(c.label) for c in cells)
-    head = f"{'server':<{width}} | conns | sessions | {unit:>8} | p50 ms | p95 ms | p99 ms | errors"
-    lines = [title, "", head, "-" * len(head)]
-    for c in cells:
-        row = f"{c.label:<{width}} | {c.connections:>5} | {c.sessions:<8} | "
-        if c.failure is not None:
-            lines.append(row + f"not measured: {c.failure}")
-            continue
-        lines.append(
-            row + f"{c.rate:>8.0f} | {c.percentile(0.5):>6.1f} | {c.percentile(0.95):>6.1f} | "
-            f"{c.percentile(0.99):>6.1f} | {c.errors:>6}"
-        )
-    return "\n".join(lines)
-
-
-async def persisted_cells(label: str, database_url: str, args: argparse.Namespace) -> list[Cell]:
-    """Persisted turns on one database: each connection count, then shared sessions."""
-    data_dir = Path(tempfile.mkdtemp(prefix="bench-parlour-"))
-    plan: list[tuple[int, int, str]] = [(n, 0, "own") for n in args.connections]
-    if args.shared:
-        plan.append((max(args.connections), args.shared, f"{args.shared} shared"))
-    cells = [Cell(label, n, name) for n, _, name in plan]
-    try:
-        server = parlour(database_url, data_dir, model="scripted", config=None)
-        with serving(server, "/health"):
-            url = server.url + "/v1/chat/completions"
-            for cell, (_, sessions, _) in zip(cells, plan, strict=True):
-                await measure(cell, url, body={}, sessions=sessions, args=args)
-    except Exception as exc:
-        for cell in cells:
-            if not cell.seconds:
-                cell.failure = str(exc)[:200]
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
-    return cells
-
-
-async def persisted(args: argparse.Namespace) -> list[Cell]:
-    """The persisted-turns table: SQLite, then PostgreSQL."""
-    with tempfile.TemporaryDirectory(prefix="bench-sqlite-") as tmp:
-        cells = await persisted_cells("parlour, SQLite", f"sqlite+aiosqlite:///{tmp}/p.db", args)
-    if args.postgres:
-        try:
-            async with fresh_postgres() as url:
-                cells += await persisted_cells("parlour, PostgreSQL", url, args)
-        except (OSError, asyncpg.PostgresError) as exc:
-            cells.append(Cell("parlour, PostgreSQL", 0, "-", failure=f"no PostgreSQL: {exc}"))
-    return cells
-
-
 def litellm_ready() -> str | None:
     """Create the bench-only LiteLLM virtualenv if needed; None when usable, else why not."""
     binary = LITELLM_ENV / "bin" / "litellm"
@@ -426,8 +283,11 @@ def litellm_ready() -> str | None:
     return None if binary.exists() else "install produced no litellm command"
 
 
-def litellm(upstream: Server, workdir: Path) -> Server:
-    """LiteLLM proxy routing model `fake` to the fake upstream as an OpenAI-compatible API."""
+def litellm(upstream: Server, workdir: Path, master_key: str) -> Server:
+    """LiteLLM proxy routing model `fake` to the fake upstream as an OpenAI-compatible API.
+
+    It refuses to start without a master key (its clients then send it as a bearer token).
+    """
     config = workdir / "litellm.yaml"
     config.write_text(
         "model_list:\n"
@@ -446,32 +306,226 @@ def litellm(upstream: Server, workdir: Path) -> Server:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LITELLM", "OPENAI"))}
     # Quiet, and no fetching of the model price list from the internet at start-up.
     env.update(
-        LITELLM_LOG="ERROR",
-        LITELLM_LOCAL_MODEL_COST_MAP="True",
-        DISABLE_SCHEMA_UPDATE="True",
+        LITELLM_LOG="ERROR", LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_MASTER_KEY=master_key
     )
     argv = [str(LITELLM_ENV / "bin" / "litellm"), "--config", str(config)]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
     return Server("litellm", argv, env, port)
 
 
+@contextlib.asynccontextmanager
+async def fresh_postgres() -> AsyncIterator[str]:
+    """A new empty PostgreSQL database, dropped afterwards; yields its asyncpg URL."""
+    name = f"parlour_bench_{uuid.uuid4().hex[:10]}"
+
+    async def admin(statement: str) -> None:
+        connection = await asyncpg.connect(POSTGRES_ADMIN)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    await admin(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN.replace("postgresql://", "postgresql+asyncpg://").rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class Load:
+    """What the load generator sends."""
+
+    connections: int
+    #: Extra fields of every request body (the model).
+    body: dict[str, Any]
+    #: None: no session header; 0: a session per connection; N: N sessions shared by all.
+    sessions: int | None
+    turns_per_session: int
+    client: str
+    paced: float | None = None
+    #: Sent with every request (LiteLLM's master key).
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+async def drive(url: str, load: Load, seconds: float, cell: Cell | None = None) -> None:
+    """Send non-streamed chat requests for `seconds`; record them in `cell` when given.
+
+    Paced, each connection sends on a fixed schedule and latency counts from the time a
+    request was due, so a server that falls behind is charged for the wait.
+    """
+    began = time.perf_counter()
+    deadline = began + seconds
+    run = uuid.uuid4().hex[:8]
+    target = httpx.URL(url)
+
+    def request(index: int, turn: int, generation: int) -> tuple[dict[str, str], bytes]:
+        headers = dict(load.headers)
+        if load.sessions == 0:
+            headers["x-session-key"] = f"bench-{run}-{index}-{generation}"
+        elif load.sessions is not None:
+            headers["x-session-key"] = f"bench-{run}-shared-{index % load.sessions}-{generation}"
+        message = {"role": "user", "content": f"hello turn {turn}"}
+        return headers, json.dumps({**load.body, "messages": [message]}).encode()
+
+    async def client_loop(send: Send, index: int) -> None:
+        generation, turn = 0, 0
+        # A shared session lasts about as many turns in all as one of a connection's own.
+        sharers = load.connections // load.sessions if load.sessions else 1
+        session_turns = max(1, load.turns_per_session // sharers)
+        interval = load.connections / load.paced if load.paced else 0.0
+        due = began + (index / load.paced if load.paced else 0.0)
+        while True:
+            now = time.perf_counter()
+            if interval:
+                if due >= deadline:
+                    break
+                if due > now:
+                    await asyncio.sleep(due - now)
+                start, due = due, due + interval
+            elif now >= deadline:
+                break
+            else:
+                start = now
+            if load.turns_per_session and turn >= session_turns:
+                generation, turn = generation + 1, 0
+            headers, payload = request(index, turn, generation)
+            try:
+                ok = await send(headers, payload) == 200
+            except (OSError, httpx.HTTPError, asyncio.IncompleteReadError, TimeoutError):
+                ok = False
+            if cell is not None:
+                if ok:
+                    cell.latencies_ms.append((time.perf_counter() - start) * 1000)
+                else:
+                    cell.errors += 1
+            turn += 1
+
+    if load.client == "httpx":
+        limits = httpx.Limits(max_connections=load.connections)
+        async with httpx.AsyncClient(limits=limits, timeout=60) as pool:
+
+            async def send_httpx(headers: dict[str, str], payload: bytes) -> int:
+                headers = {**headers, "content-type": "application/json"}
+                return (await pool.post(target, headers=headers, content=payload)).status_code
+
+            await asyncio.gather(*(client_loop(send_httpx, i) for i in range(load.connections)))
+        return
+    sockets = [Connection(target.host, target.port or 80) for _ in range(load.connections)]
+
+    def sender(conn: Connection) -> Send:
+        async def send(headers: dict[str, str], payload: bytes) -> int:
+            post = conn.post(target.raw_path.decode(), headers, payload)
+            status, _ = await asyncio.wait_for(post, 60)
+            return status
+
+        return send
+
+    try:
+        await asyncio.gather(*(client_loop(sender(c), i) for i, c in enumerate(sockets)))
+    finally:
+        for conn in sockets:
+            await conn.close()
+
+
+async def measure(cell: Cell, server: Server, load: Load, args: argparse.Namespace) -> None:
+    """Warm up, then measure one cell with the server's CPU time; print a progress line."""
+    try:
+        await drive(server.url + CHAT, load, args.warmup)
+        cpu, began = server.cpu(), time.perf_counter()
+        await drive(server.url + CHAT, load, args.seconds, cell)
+        cell.seconds = time.perf_counter() - began
+        cell.cpu_seconds = server.cpu() - cpu
+    except Exception as exc:
+        cell.failure = f"{type(exc).__name__}: {exc}"[:200]
+    print(
+        f"  {cell.label}, {cell.connections} conn, {cell.sessions}: {cell.rate:.0f}/s "
+        f"p50 {cell.percentile(0.5):.1f} ms, {cell.errors} errors",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def table(title: str, unit: str, cells: list[Cell]) -> str:
+    """Render cells as a fixed-width table."""
+    width = max(len(c.label) for c in cells)
+    head = (
+        f"{'server':<{width}} | conns | sessions   | {unit:>8} | p50 ms | p95 ms | p99 ms "
+        "| CPU ms/req | errors"
+    )
+    lines = [title, "", head, "-" * len(head)]
+    for c in cells:
+        load = f"{c.sessions}, {c.paced:g}/s" if c.paced else c.sessions
+        row = f"{c.label:<{width}} | {c.connections:>5} | {load:<10} | "
+        if c.failure is not None:
+            lines.append(row + f"not measured: {c.failure}")
+            continue
+        lines.append(
+            row + f"{c.rate:>8.0f} | {c.percentile(0.5):>6.1f} | {c.percentile(0.95):>6.1f} | "
+            f"{c.percentile(0.99):>6.1f} | {c.cpu_ms:>10.2f} | {c.errors:>6}"
+        )
+    return "\n".join(lines)
+
+
+async def persisted_cells(label: str, database_url: str, args: argparse.Namespace) -> list[Cell]:
+    """Persisted turns on one database: each connection count, shared sessions, paced."""
+    most = max(args.connections)
+    plan: list[tuple[Cell, Load]] = []
+    for n in args.connections:
+        plan.append((Cell(label, n, "own"), Load(n, {}, 0, args.turns_per_session, args.client)))
+    if args.shared:
+        cell = Cell(label, most, f"{args.shared} shared")
+        plan.append((cell, Load(most, {}, args.shared, args.turns_per_session, args.client)))
+    if args.paced:
+        cell = Cell(label, most, "own", paced=args.paced)
+        load = Load(most, {}, 0, args.turns_per_session, args.client, paced=args.paced)
+        plan.append((cell, load))
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-parlour-"))
+    try:
+        server = parlour(database_url, data_dir, model="scripted", config=None)
+        with serving(server, "/health"):
+            for cell, load in plan:
+                await measure(cell, server, load, args)
+    except RuntimeError as exc:
+        for cell, _ in plan:
+            cell.failure = cell.failure or str(exc)[:200]
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return [cell for cell, _ in plan]
+
+
+async def persisted(args: argparse.Namespace) -> list[Cell]:
+    """The persisted-turns table: SQLite, then PostgreSQL."""
+    cells: list[Cell] = []
+    if "sqlite" in args.databases:
+        with tempfile.TemporaryDirectory(prefix="bench-sqlite-") as tmp:
+            url = f"sqlite+aiosqlite:///{tmp}/p.db"
+            cells += await persisted_cells("parlour, SQLite", url, args)
+    if "postgresql" in args.databases:
+        try:
+            async with fresh_postgres() as url:
+                cells += await persisted_cells("parlour, PostgreSQL", url, args)
+        except (OSError, asyncpg.PostgresError) as exc:
+            cells.append(Cell("parlour, PostgreSQL", 0, "-", failure=f"no PostgreSQL: {exc}"))
+    return cells
+
+
 async def gateway_rows(
     label: str,
-    server: Server | None,
-    path: str,
+    server: Server,
     body: dict[str, Any],
     sessions: int | None,
     args: argparse.Namespace,
+    headers: dict[str, str] | None = None,
 ) -> list[Cell]:
-    """One gateway's cells at each connection count (the server is already up)."""
-    cells = [Cell(label, n, "own" if sessions == 0 else "-") for n in args.connections]
-    if server is None:
-        return cells
-    for cell in cells:
-        try:
-            await measure(cell, server.url + path, body=body, sessions=sessions, args=args)
-        except Exception as exc:
-            cell.failure = str(exc)[:200]
+    """One gateway's cells at each connection count."""
+    cells = []
+    for n in args.connections:
+        cell = Cell(label, n, "own" if sessions == 0 else "-")
+        load = Load(n, body, sessions, args.turns_per_session, args.client, headers=headers or {})
+        await measure(cell, server, load, args)
+        cells.append(cell)
     return cells
 
 
@@ -482,10 +536,7 @@ async def upstream(args: argparse.Namespace) -> list[Cell]:
         workdir = Path(tmp)
         fake = fake_upstream()
         with serving(fake, "/stats"):
-            chat = "/v1/chat/completions"
-            cells += await gateway_rows(
-                "fake upstream directly", fake, chat, {"model": "fake"}, None, args
-            )
+            cells += await gateway_rows("fake upstream alone", fake, {"model": "fake"}, None, args)
             config = workdir / "parlour.toml"
             config.write_text(
                 'default = "up"\n\n[[models]]\nname = "up"\nbackend = "openai"\n'
@@ -493,35 +544,64 @@ async def upstream(args: argparse.Namespace) -> list[Cell]:
                 "context_length = 8192\n",
                 encoding="utf-8",
             )
+            label = "parlour, openai backend, SQLite"
             server = parlour(
                 f"sqlite+aiosqlite:///{workdir}/p.db", workdir / "data", model="up", config=config
             )
-            label = "parlour openai backend, SQLite"
             try:
                 with serving(server, "/health"):
-                    cells += await gateway_rows(label, server, chat, {}, 0, args)
+                    cells += await gateway_rows(label, server, {}, 0, args)
             except RuntimeError as exc:
-                cells += [Cell(label, 0, "-", failure=str(exc)[:200])]
+                cells.append(Cell(label, 0, "-", failure=str(exc)[:200]))
             label = "LiteLLM proxy (stateless)"
             why = litellm_ready() if args.litellm else "skipped (--no-litellm)"
             if why is None:
-                proxy = litellm(fake, workdir)
+                key = f"sk-{uuid.uuid4().hex}{uuid.uuid4().hex}"
+                proxy = litellm(fake, workdir, key)
                 try:
                     with serving(proxy, "/health/liveliness", timeout=180):
                         cells += await gateway_rows(
-                            label, proxy, chat, {"model": "fake"}, None, args
+                            label,
+                            proxy,
+                            {"model": "fake"},
+                            None,
+                            args,
+                            headers={"authorization": f"Bearer {key}"},
                         )
                 except RuntimeError as exc:
                     why = str(exc)[:300]
             if why is not None:
-                cells += [Cell(label, 0, "-", failure=why)]
+                cells.append(Cell(label, 0, "-", failure=why))
     return cells
 
 
-async def main() -> None:
+async def main(args: argparse.Namespace) -> None:
     """Run the selected tables and print them."""
+    print(f"Machine: {machine()}.")
+    client = "httpx" if args.client == "httpx" else "raw keep-alive HTTP/1.1 on asyncio"
+    print(
+        f"Load generator: {client}, in one process on the same cores as the servers.\n"
+        f"{args.seconds:g} s per row after {args.warmup:g} s of warm-up; non-streamed "
+        f"requests; a session lasts {args.turns_per_session or 'unlimited'} turns.\n"
+        "With N connections always busy, mean latency is N / rate (Little's law); the paced "
+        "row shows latency at a fixed load.\n",
+        flush=True,
+    )
+    if "persisted" in args.only:
+        cells = await persisted(args)
+        print(table("Persisted turns, scripted backend (instant)", "turns/s", cells))
+        print(flush=True)
+    if "upstream" in args.only:
+        cells = await upstream(args)
+        title = f"In front of the same instant fake upstream ({UPSTREAM_WORDS}-word replies)"
+        print(table(title, "req/s", cells))
+    print(f"\nAfterwards: {machine()}.")
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per cell")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per row")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first")
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 16])
     parser.add_argument(
@@ -534,38 +614,23 @@ async def main() -> None:
         "--shared", type=int, default=4, help="sessions the shared-session row uses (0: no row)"
     )
     parser.add_argument(
-        "--client",
-        choices=["raw", "httpx"],
-        default="raw",
-        help="load generator: raw keep-alive HTTP/1.1 on asyncio streams, or httpx",
+        "--paced", type=float, default=1000.0, help="turns/s of the paced row (0: no row)"
     )
-    parser.add_argument("--no-postgres", dest="postgres", action="store_false")
+    parser.add_argument("--client", choices=["raw", "httpx"], default="raw")
+    parser.add_argument(
+        "--databases",
+        nargs="+",
+        choices=["sqlite", "postgresql"],
+        default=["sqlite", "postgresql"],
+        help="where the persisted turns go (PostgreSQL: a fresh database, $PARLOUR_BENCH_POSTGRES)",
+    )
     parser.add_argument("--no-litellm", dest="litellm", action="store_false")
     parser.add_argument(
         "--only", nargs="+", choices=["persisted", "upstream"], default=["persisted", "upstream"]
     )
-    args = parser.parse_args()
-    print(f"Machine: {machine()}. The load generator (asyncio + httpx, keep-alive, one process)")
-    print("runs on the same cores as the server it measures, so rates are a lower bound.")
-    print(
-        f"{args.seconds:g} s per cell after {args.warmup:g} s of warm-up; non-streamed requests; "
-        f"a session lasts {args.turns_per_session or 'unlimited'} turns.\n",
-        flush=True,
-    )
-    if "persisted" in args.only:
-        cells = await persisted(args)
-        print(table("Persisted turns, scripted backend (instant)", "turns/s", cells))
-        print(flush=True)
-    if "upstream" in args.only:
-        cells = await upstream(args)
-        print(
-            table(
-                f"In front of the same instant fake upstream ({UPSTREAM_WORDS}-word replies)",
-                "req/s",
-                cells,
-            )
-        )
+    return parser.parse_args()
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    # Plain asyncio for the load generator, whatever the servers run on.
+    asyncio.run(main(parse_args()))

@@ -18,8 +18,8 @@ the same repeat penalty (parlour's default, 1.1). The peer runs from a bench-onl
 under bench/.peers/ made from pip's cached llama-cpp-python wheel (never built from source);
 without that wheel it falls back to the project's own environment and says so.
 
-    python bench/bench_sessions.py [--repeats 3] [--threads 1] [--model PATH.gguf]
-        [--parts single streams interleaved] [--peer-env auto|main]
+    python bench/bench_sessions.py [--repeats 3] [--single-repeats 7] [--threads 1]
+        [--model PATH.gguf] [--parts single streams interleaved] [--peer-env auto|main]
 """
 
 from __future__ import annotations
@@ -875,6 +875,8 @@ async def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["single", "streams", "interleaved"])
     parser.add_argument("--peer-env", choices=["auto", "main"], default="auto")
     parser.add_argument("--single-tokens", type=int, default=128)
+    # Single streams take seconds, and their decode rate is the noisiest number here.
+    parser.add_argument("--single-repeats", type=int, default=7)
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--stream-tokens", type=int, default=96)
     parser.add_argument("--conversations", type=int, default=4)
@@ -903,7 +905,7 @@ async def main() -> None:
             if "single" in args.parts:
                 raw = Raw(setup)
                 try:
-                    await run_single(targets, raw, args.repeats, args.single_tokens, summary)
+                    await run_single(targets, raw, args.single_repeats, args.single_tokens, summary)
                 finally:
                     raw.close()
             if "streams" in args.parts:

@@ -56,8 +56,14 @@ class AdvisoryLocks:
 
     def __init__(self, url: str) -> None:
         self.local = KeyedLocks()
+        # Autocommit: taking or releasing a lock is one statement, not BEGIN, it, COMMIT.
         self.engine: AsyncEngine = create_async_engine(
-            url, pool_size=5, max_overflow=200, pool_pre_ping=True, pool_recycle=1800
+            url,
+            pool_size=5,
+            max_overflow=200,
+            pool_pre_ping=True,
+            pool_recycle=1800,
+            isolation_level="AUTOCOMMIT",
         )
 
     @asynccontextmanager
@@ -66,12 +72,10 @@ class AdvisoryLocks:
         async with self.local.hold(key), self.engine.connect() as conn:
             ident = advisory_key(key)
             await conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": ident})
-            await conn.commit()
             try:
                 yield
             finally:
                 await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": ident})
-                await conn.commit()
 
     async def close(self) -> None:
         """Close the lock connections."""

@@ -10,7 +10,9 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from .store import queries
 from .store.db import TransactionConnection
+from .store.direct import Prepared
 from .store.tables import Bot, Usage, utcnow
 
 
@@ -41,7 +43,8 @@ async def record(
     await session.flush()
 
 
-_INSERT_USAGE = insert(cast(Table, Usage.__table__))
+_USAGE = cast(Table, Usage.__table__)
+_INSERT_USAGE = Prepared(insert(_USAGE), columns=[c.key for c in _USAGE.c])
 
 
 async def add(
@@ -57,7 +60,8 @@ async def add(
     now: datetime | None = None,
 ) -> None:
     """Add one generation's tokens with a Core statement, inside the caller's transaction."""
-    await conn.execute(
+    await queries.run(
+        conn,
         _INSERT_USAGE,
         {
             "id": uuid.uuid4(),

@@ -124,6 +124,22 @@ async def test_follow_up_evaluates_only_new_tokens(tmp_path: Path) -> None:
         assert llama.stats.prompt_tokens_reused - reused_before >= full - 16
 
 
+async def test_idle_session_is_parked_when_another_starts(tmp_path: Path) -> None:
+    # Attention visits every cell in use, so an idle session would slow the others down
+    # even with free slots left; it waits in the store and comes back for its next turn.
+    async with backend(tmp_path, slots=4) as llama:
+        first = await reply(llama, [SYSTEM, TURN1], "a")
+        assert llama.store is not None and "a" not in llama.store
+        await reply(llama, [ChatMessage("user", "Say hello.")], "b")
+        assert "a" in llama.store
+        history = [SYSTEM, TURN1, ChatMessage("assistant", first), TURN2]
+        before = llama.stats.prompt_tokens_evaluated
+        await reply(llama, history, "a")
+        assert llama.stats.restored_from_ram == 1
+        assert llama.stats.prompt_tokens_evaluated - before < llama.prompt_tokens(history) / 2
+        assert "a" not in llama.store and "b" in llama.store
+
+
 async def test_state_budget_is_respected(tmp_path: Path) -> None:
     ram_budget, disk_budget = 300_000, 1_000_000
     async with backend(tmp_path, slots=2, ram_budget=ram_budget, disk_budget=disk_budget) as llama:

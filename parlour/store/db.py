@@ -8,8 +8,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -19,9 +19,10 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from . import sqlite
+from .direct import Direct, DirectPool
 
-#: What begin() and begin_read() yield: both run Core statements with `await conn.execute`.
-TransactionConnection = AsyncConnection | sqlite.InPlace
+#: What begin() and begin_read() yield; queries.run() runs prepared statements on either.
+TransactionConnection = AsyncConnection | Direct
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 READONLY = "parlour_readonly"
@@ -67,30 +68,25 @@ class Database:
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         kwargs: dict[str, Any] = {}
-        self.gate = sqlite.WriteGate()
-        #: SQLite file only: a synchronous engine on the same file for `begin()`.
-        self.in_place: Engine | None = None
+        database = parsed.database if self.is_sqlite else None
+        on_file = bool(database) and database != ":memory:"
+        #: This process's SQLite write lock (and the checkpoints of a file's log).
+        self.gate = sqlite.WriteGate(database if on_file else None)
         if self.is_sqlite:
-            database = parsed.database
-            if database and database != ":memory:":
+            if database and on_file:
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
-                self.gate = sqlite.WriteGate(database)
-                self.in_place = create_engine(
-                    f"sqlite:///{database}",
-                    connect_args={
-                        "timeout": 0,
-                        "isolation_level": None,
-                        "check_same_thread": False,
-                    },
-                )
-                event.listen(self.in_place, "connect", _sqlite_pragmas)
-                event.listen(self.in_place, "begin", _sqlite_begin)
             # Statements run on the event loop's thread; this process's write
             # transactions take turns on one lock instead of SQLite's busy handler.
             kwargs["async_creator"] = sqlite.connector(database or ":memory:", self.gate)
         else:
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        #: SQLite file only: connections of its own for begin() (see store/direct.py).
+        self.direct = (
+            DirectPool(database, dialect=self.engine.dialect, gate=self.gate, setup=_sqlite_pragmas)
+            if database and on_file
+            else None
+        )
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             event.listen(self.engine.sync_engine, "begin", _sqlite_begin)
@@ -107,19 +103,16 @@ class Database:
         return self.read_sessions()
 
     def begin(self) -> AbstractAsyncContextManager[TransactionConnection]:
-        """A connection in a write transaction, committed when the block ends: for the Core
-        statements every turn runs, much cheaper than a session. On a SQLite file the
-        statements run synchronously in place."""
-        if self.in_place is not None:
-            return sqlite.in_place(self.in_place, self.gate, write=True)
+        """A connection in a write transaction, committed when the block ends, for the Core
+        statements every turn runs (queries.run); on a SQLite file, a direct connection."""
+        if self.direct is not None:
+            return self.direct.transaction(write=True)
         return self.engine.begin()
 
     def begin_read(self) -> AbstractAsyncContextManager[TransactionConnection]:
         """Like begin(), for reads only (no write lock on SQLite)."""
-        if self.in_place is not None:
-            return sqlite.in_place(
-                self.in_place.execution_options(**{READONLY: True}), self.gate, write=False
-            )
+        if self.direct is not None:
+            return self.direct.transaction(write=False)
         return self.read_engine.begin()
 
     async def migrate(self) -> None:
@@ -141,5 +134,5 @@ class Database:
         """Dispose of every pooled connection."""
         await self.gate.close()
         await self.engine.dispose()
-        if self.in_place is not None:
-            self.in_place.dispose()
+        if self.direct is not None:
+            self.direct.close()

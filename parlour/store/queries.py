@@ -3,6 +3,7 @@ Database.begin() connection for the statements every turn runs."""
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -13,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .db import TransactionConnection
+from .direct import Direct, Prepared
 from .tables import Conversation, Message, Owner, utcnow
 
 LOCAL_OWNER = "local"
@@ -28,13 +30,18 @@ _LAST_POSITION = (
     .scalar_subquery()
     .label("last_position")
 )
-_CONVERSATION_FOR_TURN = select(CONVERSATIONS, _LAST_POSITION).where(
-    _conv.id == bindparam("id"), _conv.owner_id == bindparam("owner")
+_CONVERSATION_KEYS = [c.key for c in CONVERSATIONS.c]
+_CONVERSATION_FOR_TURN = Prepared(
+    select(CONVERSATIONS, _LAST_POSITION).where(
+        _conv.id == bindparam("id"), _conv.owner_id == bindparam("owner")
+    )
 )
-_CONVERSATION_FOR_SESSION = select(CONVERSATIONS).where(
-    _conv.owner_id == bindparam("owner"), _conv.session_key == bindparam("key")
+_CONVERSATION_FOR_SESSION = Prepared(
+    select(CONVERSATIONS).where(
+        _conv.owner_id == bindparam("owner"), _conv.session_key == bindparam("key")
+    )
 )
-_RECENT_HISTORY = (
+_RECENT_HISTORY = Prepared(
     select(_msg.role, _msg.content, _msg.token_count)
     .where(
         _msg.conversation_id == bindparam("id"),
@@ -43,10 +50,17 @@ _RECENT_HISTORY = (
     .order_by(_msg.position.desc())
     .limit(bindparam("limit"))
 )
-_INSERT_MESSAGE = insert(MESSAGES)
-_TOUCH_CONVERSATION = (
-    update(CONVERSATIONS).where(_conv.id == bindparam("cid")).values(updated_at=bindparam("now"))
-)
+_INSERT_MESSAGE = Prepared(insert(MESSAGES), columns=[c.key for c in MESSAGES.c])
+
+
+async def run(
+    conn: TransactionConnection, prepared: Prepared, parameters: dict[str, Any]
+) -> Sequence[Sequence[Any]]:
+    """Run a prepared statement in a Database.begin() transaction; its rows as tuples."""
+    if isinstance(conn, Direct):
+        return conn.run(prepared, parameters)
+    result = await conn.execute(prepared.statement, parameters)
+    return result.all() if result.returns_rows else []
 
 
 async def ensure_owner(session: AsyncSession, name: str) -> Owner:
@@ -172,24 +186,19 @@ async def conversation_for_turn(
 ) -> tuple[Conversation, int | None] | None:
     """A conversation of this owner (detached from any session) with its last message's
     position, or None."""
-    row = (
-        await conn.execute(_CONVERSATION_FOR_TURN, {"id": conversation_id, "owner": owner_id})
-    ).first()
-    if row is None:
+    rows = await run(conn, _CONVERSATION_FOR_TURN, {"id": conversation_id, "owner": owner_id})
+    if not rows:
         return None
-    values = row._asdict()
-    last: int | None = values.pop("last_position")
-    return Conversation(**values), last
+    *values, last = rows[0]
+    return Conversation(**dict(zip(_CONVERSATION_KEYS, values, strict=True))), last
 
 
 async def conversation_for_session_key(
     conn: TransactionConnection, owner_id: uuid.UUID, session_key: str
 ) -> Conversation | None:
     """The conversation bound to an OpenAI-dialect session key, detached from any session."""
-    row = (
-        await conn.execute(_CONVERSATION_FOR_SESSION, {"owner": owner_id, "key": session_key})
-    ).first()
-    return None if row is None else Conversation(**row._asdict())
+    rows = await run(conn, _CONVERSATION_FOR_SESSION, {"owner": owner_id, "key": session_key})
+    return Conversation(**dict(zip(_CONVERSATION_KEYS, rows[0], strict=True))) if rows else None
 
 
 async def recent_history(
@@ -197,9 +206,9 @@ async def recent_history(
 ) -> list[tuple[str, str, int]]:
     """The newest `limit` user and assistant messages (role, content, token_count), oldest
     first."""
-    rows = await conn.execute(_RECENT_HISTORY, {"id": conversation_id, "limit": max(0, limit)})
+    rows = await run(conn, _RECENT_HISTORY, {"id": conversation_id, "limit": max(0, limit)})
     # Rows unpack like (role, content, token_count) tuples; no per-row copy is needed.
-    history = cast(list[tuple[str, str, int]], list(rows.all()))
+    history = cast(list[tuple[str, str, int]], list(rows))
     history.reverse()
     return history
 
@@ -231,7 +240,7 @@ async def insert_message(
         "finish_reason": finish_reason,
         "created_at": now,
     }
-    await conn.execute(_INSERT_MESSAGE, values)
+    await run(conn, _INSERT_MESSAGE, values)
     return Message(**values)
 
 
@@ -240,17 +249,24 @@ async def touch_conversation(
 ) -> None:
     """Set a conversation's `updated_at` (and any changed columns) in the database and on
     the object."""
-    if changes:
-        await conn.execute(
-            update(CONVERSATIONS)
-            .where(_conv.id == conversation.id)
-            .values(updated_at=now, **changes)
-        )
-        for name, value in changes.items():
-            setattr(conversation, name, value)
-    else:
-        await conn.execute(_TOUCH_CONVERSATION, {"cid": conversation.id, "now": now})
+    statement = _touch_conversation(frozenset(changes))
+    await run(
+        conn,
+        statement,
+        {"cid": conversation.id, "now": now, **{f"new_{k}": v for k, v in changes.items()}},
+    )
+    for name, value in changes.items():
+        setattr(conversation, name, value)
     conversation.updated_at = now
+
+
+@functools.cache
+def _touch_conversation(columns: frozenset[str]) -> Prepared:
+    return Prepared(
+        update(CONVERSATIONS)
+        .where(_conv.id == bindparam("cid"))
+        .values(updated_at=bindparam("now"), **{c: bindparam(f"new_{c}") for c in columns})
+    )
 
 
 async def list_conversations(

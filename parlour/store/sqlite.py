@@ -19,15 +19,11 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
 import aiosqlite
-from sqlalchemy import CursorResult, Executable
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError
 
 T = TypeVar("T")
 
@@ -116,6 +112,20 @@ def is_busy(error: sqlite3.OperationalError) -> bool:
     return "database is locked" in str(error)
 
 
+async def retry_busy(call: Callable[[], T]) -> T:
+    """Run `call`, retrying while another process holds a lock it needs."""
+    deadline = time.monotonic() + LOCK_TIMEOUT_S
+    delay = RETRY_FIRST_S
+    while True:
+        try:
+            return call()
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RETRY_MAX_S)
+
+
 class _InlineQueue:
     """Stands in for aiosqlite's queue to its worker thread: runs each call at once."""
 
@@ -158,28 +168,15 @@ class InlineConnection(aiosqlite.Connection):
         if args and args[0] == BEGIN_WRITE:
             await self._acquire()
             try:
-                return await self._retry_busy(call)
+                return await retry_busy(call)
             except BaseException:
                 self._release()
                 raise
-        return await self._retry_busy(call)
+        return await retry_busy(call)
 
     async def _acquire(self) -> None:
         await self._gate.acquire()
         self._writing = True
-
-    async def _retry_busy(self, call: Callable[[], T]) -> T:
-        """Run `call`, retrying while another process holds a lock it needs."""
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
-        delay = RETRY_FIRST_S
-        while True:
-            try:
-                return call()
-            except sqlite3.OperationalError as exc:
-                if not is_busy(exc) or time.monotonic() + delay > deadline:
-                    raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
 
     def _release(self) -> None:
         if self._writing:
@@ -226,54 +223,3 @@ def connector(database: str, gate: WriteGate) -> Callable[[], Any]:
         return connection
 
     return connect
-
-
-class InPlace:
-    """A transaction on a synchronous SQLAlchemy connection, behind AsyncConnection's
-    `execute`: without the async adapter, its greenlet switches and per-statement event
-    loop trips, SQLAlchemy's own cost per statement drops by more than half."""
-
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-
-    async def execute(
-        self, statement: Executable, parameters: Mapping[str, Any] | None = None
-    ) -> CursorResult[Any]:
-        """Run one statement now and return its (fully fetched) result."""
-        return self.connection.execute(statement, parameters)
-
-
-@asynccontextmanager
-async def in_place(engine: Engine, gate: WriteGate, *, write: bool) -> AsyncIterator[InPlace]:
-    """A transaction on `engine` (synchronous, same file), committed when the block ends.
-
-    A write transaction first takes this process's write lock; another process's lock is
-    waited for asynchronously. The block may await, but while it does it keeps the lock.
-    """
-    if write:
-        await gate.acquire()
-    try:
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
-        delay = RETRY_FIRST_S
-        while True:
-            connection = engine.connect()
-            try:
-                connection.begin()
-                break
-            except OperationalError as exc:
-                connection.close()
-                busy = isinstance(exc.orig, sqlite3.OperationalError) and is_busy(exc.orig)
-                if not busy or time.monotonic() + delay > deadline:
-                    raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
-        with connection:
-            try:
-                yield InPlace(connection)
-            except BaseException:
-                connection.rollback()
-                raise
-            connection.commit()
-    finally:
-        if write:
-            gate.release()
