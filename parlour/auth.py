@@ -324,6 +324,12 @@ def mint_token(
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
+def _presents_key(authorization: str | None) -> bool:
+    """True if the header carries something shaped like a parlour API key."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and key_prefix(token.strip()) is not None
+
+
 def bearer_token(authorization: str | None) -> str:
     """The token of an `Authorization: Bearer …` header, or Unauthorized."""
     if not authorization:
@@ -371,13 +377,13 @@ class Authenticator:
             open_without_auth=settings.is_loopback or settings.insecure,
         )
 
-    async def required(self) -> bool:
-        """True when requests must carry a valid token."""
+    async def required(self, *, fresh: bool = False) -> bool:
+        """True when requests must carry a valid token (`fresh`: ask the database now)."""
         if self.jwt is not None:
             return True
         now = time.monotonic()
         known = self._keys_exist
-        if known is None or now - known[0] > KEYS_RECHECK_S or known[1] != _key_changes:
+        if fresh or known is None or now - known[0] > KEYS_RECHECK_S or known[1] != _key_changes:
             changes = _key_changes
             known = (now, changes, await active_keys_exist(self.db))
             self._keys_exist = known
@@ -385,7 +391,11 @@ class Authenticator:
 
     async def principal(self, authorization: str | None) -> Principal:
         """Who a request with this Authorization header acts for, or Unauthorized."""
-        if not await self.required():
+        required = await self.required()
+        if not required and _presents_key(authorization):
+            # A key that another process just created must act for its owner at once.
+            required = await self.required(fresh=True)
+        if not required:
             # Clients such as the OpenAI SDK always send some token; it means nothing here.
             if self.open_without_auth:
                 return self.local

@@ -232,6 +232,7 @@ def build_backend(
             weights=weights,
             cache_dir=cache_dir,
             flash_attn=bool(options.get("flash_attn", True)),
+            batch_streams=bool(options.get("batch_streams", False)),
         )
     if spec.backend == "openai":
         from .backends.openai import OpenAIBackend

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,10 +17,12 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
+from sqlalchemy import select
 
 from parlour.app import create_app
 from parlour.auth import create_key, list_keys, revoke_key
 from parlour.settings import Settings
+from parlour.store.tables import Conversation, Owner
 from tests.support.auth import (
     AUDIENCE,
     ISSUER,
@@ -365,6 +370,32 @@ async def test_api_key_lifecycle(start: Start) -> None:
     # Revoking the last key on loopback returns the server to the local owner.
     await revoke_key(db, admin.info.prefix)
     assert (await client.get("/conversations")).status_code == 200
+
+
+async def test_a_key_made_by_another_process_acts_for_its_owner_at_once(start: Start) -> None:
+    server = await start()
+    # Open: the server remembers for a moment that no key exists.
+    assert (await server.client.get("/conversations")).status_code == 200
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARLOUR_")}
+    data_dir = server.app.state.settings.data_dir
+    command = ["key", "create", "--owner", "alice", "--data-dir", str(data_dir)]
+    made = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "parlour", *command, env=env, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await made.communicate()
+    assert made.returncode == 0
+    secret = out.decode().splitlines()[0]
+    created = await server.client.post(
+        "/conversations", headers=bearer(secret), json={"title": "mine", "model_tag": "scripted"}
+    )
+    assert created.status_code == 201, created.text
+    async with server.app.state.db.read() as session:
+        owner = await session.scalar(
+            select(Owner.name)
+            .join(Conversation, Conversation.owner_id == Owner.id)
+            .where(Conversation.id == uuid.UUID(created.json()["id"]))
+        )
+    assert owner == "alice"
 
 
 async def test_keys_and_jwts_together(start: Start) -> None:

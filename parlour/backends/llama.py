@@ -117,6 +117,7 @@ class LlamaBackend(Backend):
         weights: str | None = None,
         cache_dir: Path | None = None,
         flash_attn: bool = True,
+        batch_streams: bool = False,
     ) -> None:
         self.path = path
         self.weights = weights
@@ -134,6 +135,7 @@ class LlamaBackend(Backend):
         self.ram_budget = ram_budget
         self.disk_budget = disk_budget
         self.sampling = sampling or Sampling()
+        self.batch_streams = batch_streams
         self._model: Any = None
         self._ctx: Any = None
         self._scheduler: SessionScheduler | None = None
@@ -236,6 +238,7 @@ class LlamaBackend(Backend):
             n_ctx_seq=n_ctx,
             store=store,
             sampling=self.sampling,
+            batch_streams=self.batch_streams,
         )
 
     def _weights_file(self) -> Path:

@@ -36,6 +36,8 @@ from .base import Chunk, FinishReason, GenerationParams
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Chunk | BaseException], None]
+#: A request, the tokens it adds to a batch, and whether it wants logits for the last one.
+Item = tuple["Request", list[int], bool]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -93,6 +95,7 @@ class SessionStats:
     saved: int = 0
     dropped: int = 0
     batches: int = 0
+    #: Most decoding streams that shared one llama_decode.
     max_streams_in_batch: int = 0
 
 
@@ -256,6 +259,7 @@ class SessionScheduler:
         n_ctx_seq: int,
         store: StateStore,
         sampling: Sampling,
+        batch_streams: bool = False,
     ) -> None:
         import llama_cpp
 
@@ -267,6 +271,11 @@ class SessionScheduler:
         self.n_ctx_seq = n_ctx_seq
         self.store = store
         self.sampling = sampling
+        # One llama_decode for all streams, or one per stream. On the CPUs measured
+        # (BENCHMARKS.md) a step of 4 streams in one batch cost 5-6x a one-stream step
+        # while 4 one-token decodes cost 4x, so streams take turns, one token each, by
+        # default; batching pays off where multi-token batches are cheap (GPUs).
+        self.batch_streams = batch_streams
         self.stats = SessionStats()
         self.slots = [Slot(seq=i) for i in range(slots)]
         self._memory = llama_cpp.llama_get_memory(ctx.ctx)
@@ -460,50 +469,58 @@ class SessionScheduler:
                 self._evict(slot)
 
     def _step(self) -> None:
-        batch = self._batch
-        batch.n_tokens = 0
-        outputs: list[tuple[Request, int]] = []
-
-        def add(slot: Slot, token: int, logits: bool) -> None:
-            i = batch.n_tokens
-            batch.token[i] = token
-            batch.pos[i] = len(slot.tokens)
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = slot.seq
-            batch.logits[i] = logits
-            batch.n_tokens = i + 1
-            slot.tokens.append(token)
-
+        """Advance every active request: one token for each decoding stream, and the next
+        prompt chunks (sharing the batch size) for those still reading their prompt."""
         decoding = [r for r in self._active if not r.pending and r.last_token is not None]
         prefilling = [r for r in self._active if r.pending]
         self._make_room(len(decoding) + sum(min(len(r.pending), self.n_batch) for r in prefilling))
+        decode_items: list[Item] = []
         for request in decoding:
-            assert request.slot is not None and request.last_token is not None
-            add(request.slot, request.last_token, True)
-            outputs.append((request, batch.n_tokens - 1))
-        budget = self.n_batch - batch.n_tokens
+            assert request.last_token is not None
+            decode_items.append((request, [request.last_token], True))
+        prefill_items: list[Item] = []
+        budget = self.n_batch - (len(decoding) if self.batch_streams else 0)
         for index, request in enumerate(prefilling):
             if budget <= 0:
                 break
-            assert request.slot is not None
             share = max(1, budget // (len(prefilling) - index))
             take = min(len(request.pending), share)
-            finishing = take == len(request.pending)
-            for k in range(take):
-                add(request.slot, request.pending[k], finishing and k == take - 1)
+            prefill_items.append((request, request.pending[:take], take == len(request.pending)))
             del request.pending[:take]
             budget -= take
-            if finishing:
+        if self.batch_streams:
+            groups = [decode_items + prefill_items]
+        else:
+            groups = [[item] for item in decode_items] + [prefill_items]
+        streams = len(decode_items) if self.batch_streams else min(1, len(decode_items))
+        self.stats.max_streams_in_batch = max(self.stats.max_streams_in_batch, streams)
+        for group in groups:
+            if group:
+                self._run_batch(group)
+
+    def _run_batch(self, items: list[Item]) -> None:
+        """Decode one llama.cpp batch and sample the next token of each request that asked."""
+        batch = self._batch
+        batch.n_tokens = 0
+        outputs: list[tuple[Request, int]] = []
+        for request, tokens, wants_logits in items:
+            slot = request.slot
+            assert slot is not None
+            for k, token in enumerate(tokens):
+                i = batch.n_tokens
+                batch.token[i] = token
+                batch.pos[i] = len(slot.tokens)
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = slot.seq
+                batch.logits[i] = wants_logits and k == len(tokens) - 1
+                batch.n_tokens = i + 1
+                slot.tokens.append(token)
+            if wants_logits:
                 outputs.append((request, batch.n_tokens - 1))
-        if batch.n_tokens == 0:
-            return
         code = self.lib.llama_decode(self.ctx.ctx, batch)
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
         self.stats.batches += 1
-        self.stats.max_streams_in_batch = max(
-            self.stats.max_streams_in_batch, len({id(r) for r, _ in outputs})
-        )
         for request, index in outputs:
             token = request.sampler.sample(self.ctx, index)
             self._accept(request, token)
