@@ -216,7 +216,7 @@ def build_backend(
         from .backends.llama import LlamaBackend
 
         options = spec.options
-        # The embedded Q4_1 file is converted to Q8_0 (prompts 2-3x faster, see
+        # The embedded Q4_1 file is converted to Q8_0 (prompts ~2x faster, see
         # BENCHMARKS.md); a GGUF the user names is loaded as it is unless configured.
         weights = weight_type(options.get("weights", "q8_0" if spec.path is None else None))
         return LlamaBackend(

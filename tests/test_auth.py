@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,9 +17,11 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from parlour.app import create_app
-from parlour.auth import create_key, list_keys, revoke_key
+from parlour.auth import create_key, generate_key, hash_key, list_keys, revoke_key
 from parlour.settings import Settings
-from parlour.store.tables import Conversation, Owner
+from parlour.store import queries
+from parlour.store.db import Database
+from parlour.store.tables import ApiKey, Conversation, Owner, utcnow
 from tests.support.auth import (
     AUDIENCE,
     ISSUER,
@@ -376,15 +375,22 @@ async def test_a_key_made_by_another_process_acts_for_its_owner_at_once(start: S
     server = await start()
     # Open: the server remembers for a moment that no key exists.
     assert (await server.client.get("/conversations")).status_code == 200
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PARLOUR_")}
-    data_dir = server.app.state.settings.data_dir
-    command = ["key", "create", "--owner", "alice", "--data-dir", str(data_dir)]
-    made = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "parlour", *command, env=env, stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await made.communicate()
-    assert made.returncode == 0
-    secret = out.decode().splitlines()[0]
+    # Another process (here: its own Database on the same file) adds a key meanwhile.
+    other = Database(server.app.state.settings.resolved_database_url)
+    prefix, secret = generate_key()
+    try:
+        async with other.session() as session, session.begin():
+            alice = await queries.ensure_owner(session, "alice")
+            session.add(
+                ApiKey(
+                    owner_id=alice.id,
+                    prefix=prefix,
+                    secret_hash=hash_key(secret),
+                    created_at=utcnow(),
+                )
+            )
+    finally:
+        await other.close()
     created = await server.client.post(
         "/conversations", headers=bearer(secret), json={"title": "mine", "model_tag": "scripted"}
     )

@@ -2,8 +2,8 @@
 
 llama.cpp evaluates prompt batches through tinyBLAS (llamafile's sgemm) only for
 F32, F16, BF16, Q8_0 and a few 4/5-bit block types; Q4_1, the embedded model's type,
-falls back to one dot product per row and token, 2-3x slower. Converting the weights
-with `llama_model_quantize` takes well under a second for a small model; the result
+falls back to one dot product per row and token, about half as fast. Converting the
+weights with `llama_model_quantize` takes about a second for a small model; the result
 is kept next to parlour's other data and reused while the source file is unchanged.
 """
 

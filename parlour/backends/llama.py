@@ -1,34 +1,34 @@
 """The embedded backend: a GGUF model run in-process by llama.cpp (llama-cpp-python).
 
 Generation runs in parlour.backends.sessions: one context with several sequences,
-per-session prompt state kept between turns, and concurrent streams decoded together
-in one batch per step. This module loads the model, renders and tokenizes prompts,
+per-session prompt state kept between turns, and concurrent streams advancing together,
+one token each per step. This module loads the model, renders and tokenizes prompts,
 and bridges the scheduler thread to asyncio.
 
-Settings, measured on this project's 2-core AMD EPYC (AVX-512) machine, one thread,
-CPU time so that other processes' load does not blur them (see BENCHMARKS.md):
+Settings, measured on this project's 2-core AMD EPYC (AVX-512, no AMX) with one thread,
+in tokens per CPU-second so that other processes' load does not blur them
+(bench/bench_weights.py; BENCHMARKS.md has the tables):
 
 - Weights: the embedded Q4_1 file is converted once to Q8_0 (`weights` option; cached
-  in `<data dir>/cache`, see parlour.backends.convert). llama.cpp evaluates prompt
+  in `<data dir>/cache` by parlour.backends.convert). llama.cpp evaluates prompt
   batches with tinyBLAS (llamafile's sgemm) for F32/F16/BF16/Q8_0/Q4_0 but not Q4_1,
-  which falls back to per-row dot products: prompts ran at 189 tokens/s, Q8_0 runs
-  them at 349 (1.85x) and decodes at 129 tokens/s against 134; next-token KL to the
-  unquantized weights 0.005 against 0.004. BF16 prompts run at 615 tokens/s but decode
-  at 104: `weights = "bf16"` suits prompt-heavy use. Q4_0 loses quality (KL 0.27).
-- Flash attention on: Q8_0 decodes at 129 instead of 118 tokens/s, and since the
-  unified KV cache makes every sequence's attention visit all cells in use (other
-  sessions' masked ones too), each idle 1,500-token session added 0.8 ms per token
-  with flash attention against 5.7 ms without. (The scheduler now also parks idle
-  sessions in the state store.)
+  which falls back to one dot product per row and token: prompts ran at 191 tokens/s,
+  Q8_0 runs them at 389 (2.0x) and decodes at 144 tokens/s against 131; next-token KL
+  to the exact Q4_1 values 0.004 against 0.003. BF16 runs prompts at 525 but decodes
+  at 102: `weights = "bf16"` suits prompt-heavy use. Q4_0 loses quality (KL 0.26).
+- Flash attention on: Q8_0 decodes at 144 instead of 131 tokens/s and evaluates
+  prompts at 389 instead of 343. The unified KV cache makes every sequence's attention
+  visit all cells in use, other sessions' masked ones too: each idle 1,500-token
+  session added 0.8 ms per token with flash attention and 5.7 ms without (the
+  scheduler now also parks idle sessions in the state store).
 - `use_extra_bufts = False`: llama.cpp's extra buffer types repack weights for AMX
   or AVX kernels. The AMX path segfaults in `ggml_backend_amx_mul_mat` on Xeons
-  with AMX, so parlour never enables them. Here repacking helped only Q4_0.
+  with AMX, so parlour never enables them. Here repacking sped up only Q4_0.
 - Threads: half the cores (one on a 2-core machine) for decoding *and* for prompt
-  batches (`batch_threads` overrides the latter). A second prompt thread ran 1.9x
-  faster on an idle machine, but with other processes busy its median was 0.44x of
-  one thread: ggml's threads wait for each other at every operation, and one
-  descheduled thread stalls the rest. A second decode thread gained at most 7%
-  on an idle machine and fell to 5-25 tokens/s under load.
+  batches (`batch_threads` sets the latter). A second prompt thread was 1.9x faster at
+  best but 0.7x in the median with other processes busy (ggml's threads wait for each
+  other at every operation, and one descheduled thread stalls the rest); a second
+  decode thread fell to 7 tokens/s in the median.
 - `n_batch = n_ubatch = 512`: 256 and 1024 measured the same within noise.
 """
 

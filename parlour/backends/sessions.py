@@ -1,17 +1,17 @@
-"""Per-session prompt state for the embedded model, and batched decoding of concurrent streams.
+"""Per-session prompt state for the embedded model, and fair scheduling of concurrent streams.
 
-One llama.cpp context holds several sequences ("slots") in a unified KV cache.
-Each conversation keeps its evaluated tokens in a slot between turns, so a follow-up
-prefills only its new tokens, even when other conversations ran in between. When a
-slot is needed for another conversation, the least recently used idle one is saved
-(`llama_state_seq_get_data`) to a StateStore: RAM up to a budget, then disk up to a
-budget, oldest dropped first; the next turn of that conversation restores it.
+One llama.cpp context holds several sequences ("slots") in a unified KV cache. Each
+conversation keeps its evaluated tokens between turns, so a follow-up prefills only
+its new tokens, even when other conversations ran in between. Idle conversations are
+saved (`llama_state_seq_get_data`) to a StateStore, RAM up to a budget, then disk up
+to a budget, oldest dropped first, and restored on their next turn.
 
-A scheduler thread makes every llama.cpp call. Each step builds one batch: the next
-token of every stream that is decoding, plus prompt chunks of streams that are
-prefilling (sharing what is left of the batch), and decodes it in one
-`llama_decode`. So concurrent streams advance together, token by token, and a long
-prompt never stalls the others for more than one chunk.
+A scheduler thread makes every llama.cpp call. Each step gives every decoding stream
+its next token and every stream still reading its prompt a chunk (sharing the batch
+size), so concurrent streams advance together, token by token, and a long prompt
+never stalls the others for more than one chunk. Streams take turns with one decode
+each by default; `batch_streams` puts them all in one `llama_decode` instead (see
+SessionScheduler for why turns are the default on CPUs).
 """
 
 from __future__ import annotations
