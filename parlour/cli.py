@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from .cli_admin import bot, kb
+from .cli_admin import bot, data_options, kb, run_on_db
 from .settings import Settings
-from .store.db import Database
 
 T = TypeVar("T")
 
@@ -119,41 +118,12 @@ def _check_auth(settings: Settings) -> None:
         raise click.ClickException(str(exc)) from None
     if settings.is_loopback or settings.insecure or verifier is not None:
         return
-    if not _with_db(settings, active_keys_exist):
+    if not run_on_db(settings, active_keys_exist):
         raise click.ClickException(
             f"Refusing to listen on {settings.host} without authentication: set "
             "PARLOUR_JWT_SECRET (or PARLOUR_JWT_PUBLIC_KEY), create an API key with "
             "`parlour key create --owner NAME`, or pass --insecure if this network is trusted."
         )
-
-
-def _with_db(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
-    """Run `work` on the migrated database that `serve` would use with these settings."""
-
-    async def run() -> T:
-        db = Database(settings.resolved_database_url)
-        try:
-            await db.migrate()
-            return await work(db)
-        finally:
-            await db.close()
-
-    return asyncio.run(run())
-
-
-def _data_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The --data-dir and --database-url options, read like `serve` reads them."""
-    command = click.option(
-        "--database-url",
-        default=None,
-        help="The database `serve` uses [PARLOUR_DATABASE_URL; SQLite in the data directory].",
-    )(command)
-    return click.option(
-        "--data-dir",
-        type=click.Path(path_type=Path, file_okay=False),
-        default=None,
-        help="The data directory `serve` uses [PARLOUR_DATA_DIR; ~/.local/share/parlour].",
-    )(command)
 
 
 @main.group()
@@ -164,7 +134,7 @@ def key() -> None:
 @key.command("create")
 @click.option("--owner", required=True, help="The owner whose conversations the key reaches.")
 @click.option("--admin", is_flag=True, help="Also allow the admin API under /admin/.")
-@_data_options
+@data_options
 def key_create(owner: str, admin: bool, **options: Any) -> None:
     """Create a key and print it; it is shown only this once."""
     from .auth import create_key
@@ -172,7 +142,7 @@ def key_create(owner: str, admin: bool, **options: Any) -> None:
     owner = owner.strip()
     if not owner or len(owner) > 255:
         raise click.BadParameter("give a name of 1 to 255 characters", param_hint="--owner")
-    new = _with_db(_settings(**options), lambda db: create_key(db, owner=owner, admin=admin))
+    new = run_on_db(_settings(**options), lambda db: create_key(db, owner=owner, admin=admin))
     click.echo(new.secret)
     kind = "admin key" if admin else "key"
     click.echo(
@@ -186,12 +156,12 @@ def _when(value: Any) -> str:
 
 
 @key.command("list")
-@_data_options
+@data_options
 def key_list(**options: Any) -> None:
     """List every key (never the secrets)."""
     from .auth import list_keys
 
-    keys = _with_db(_settings(**options), list_keys)
+    keys = run_on_db(_settings(**options), list_keys)
     if not keys:
         click.echo("No API keys. Create one with `parlour key create --owner NAME`.", err=True)
         return
@@ -216,14 +186,14 @@ def key_list(**options: Any) -> None:
 
 @key.command("revoke")
 @click.argument("ident", metavar="ID")
-@_data_options
+@data_options
 def key_revoke(ident: str, **options: Any) -> None:
     """Revoke a key by the id (or prefix) that `parlour key list` shows."""
     from .auth import revoke_key
     from .errors import NotFound
 
     try:
-        info = _with_db(_settings(**options), lambda db: revoke_key(db, ident))
+        info = run_on_db(_settings(**options), lambda db: revoke_key(db, ident))
     except NotFound as exc:
         raise click.ClickException(exc.message) from None
     click.echo(f"Revoked key {info.id} of {info.owner}.")
@@ -276,7 +246,7 @@ def token(sub: str, ttl: int) -> None:
     metavar="SLUG",
     help="Chat with a bot: its system prompt, model, settings and knowledge apply.",
 )
-@_data_options
+@data_options
 @_model_options
 def chat(session_key: str | None, bot_ref: str | None, **options: Any) -> None:
     """Chat in the terminal through the same engine and store as `serve`, no server needed.

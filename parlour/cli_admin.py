@@ -37,11 +37,8 @@ def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
-def with_db(options: dict[str, Any], work: Callable[[Database], Awaitable[T]]) -> T:
-    """Run `work` on the migrated database `serve` would use; core errors become messages."""
-    settings = Settings.from_env(
-        data_dir=options.get("data_dir"), database_url=options.get("database_url")
-    )
+def run_on_db(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
+    """Run `work` on the migrated database that `serve` would use with these settings."""
 
     async def run() -> T:
         db = Database(settings.resolved_database_url)
@@ -51,8 +48,17 @@ def with_db(options: dict[str, Any], work: Callable[[Database], Awaitable[T]]) -
         finally:
             await db.close()
 
+    return asyncio.run(run())
+
+
+def with_db(options: dict[str, Any], work: Callable[[Database], Awaitable[T]]) -> T:
+    """Run `work` on the database the --data-dir/--database-url options name; core errors
+    become messages."""
+    settings = Settings.from_env(
+        data_dir=options.get("data_dir"), database_url=options.get("database_url")
+    )
     try:
-        return asyncio.run(run())
+        return run_on_db(settings, work)
     except ParlourError as exc:
         raise click.ClickException(exc.message) from None
 
