@@ -211,6 +211,11 @@ async def test_v1_coercions_are_accepted(
     assert "Keep the answer under 12 words." in scripted.calls[-1].messages[0].content
 
 
+def other_uid(uid: str) -> str:
+    """The same uuid with its last digit changed: a well-formed uid of no bot."""
+    return uid[:-1] + ("1" if uid.endswith("0") else "0")
+
+
 async def test_bot_by_uid_and_slug_and_unknown(
     client: httpx.AsyncClient, scripted: ScriptedBackend
 ) -> None:
@@ -224,7 +229,7 @@ async def test_bot_by_uid_and_slug_and_unknown(
     for ref in (
         {"bot_slug": "nobody"},
         {"bot_uid": "not-a-uuid"},
-        {"bot_uid": str(bot["uid"])[:-1] + "0"},
+        {"bot_uid": other_uid(str(bot["uid"]))},
     ):
         response = await post(client, {**ref, "prompt": "hi", "stream": True})
         assert response.status_code == 404
