@@ -13,7 +13,7 @@ import jwt
 from click.testing import CliRunner
 
 from parlour.cli import main
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, server_env
 from tests.support.auth import AUDIENCE, ISSUER, SECRET, bearer
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("PARLOUR_")}
@@ -153,10 +153,12 @@ def test_public_address_with_insecure_or_auth(
 
 
 def test_key_from_cli_opens_a_public_server(
-    server_factory: Callable[..., ServerProcess], tmp_path: Path
+    server_factory: Callable[..., ServerProcess], tmp_path: Path, database_url: str | None
 ) -> None:
     data = tmp_path / "keyed"
-    code, key, _ = run("key", "create", "--owner", "alice", "--data-dir", str(data))
+    # The CLI works on the database the server will use (PostgreSQL in that mode).
+    env = server_env(database_url)
+    code, key, _ = run("key", "create", "--owner", "alice", "--data-dir", str(data), env=env)
     assert code == 0
     # An existing key counts as configured auth, so a public address is allowed.
     server = server_factory("--host", "0.0.0.0", "--model", "scripted", "--data-dir", str(data))
@@ -168,6 +170,6 @@ def test_key_from_cli_opens_a_public_server(
         timeout=10,
     )
     assert made.status_code == 201, made.text
-    _, listing, _ = run("key", "list", "--data-dir", str(data))
+    _, listing, _ = run("key", "list", "--data-dir", str(data), env=env)
     # ID PREFIX OWNER ADMIN CREATED(date time) LAST-USED(date time) STATUS
     assert listing.splitlines()[1].split()[6] != "-"
