@@ -76,7 +76,7 @@ def serve(log_level: str, **options: Any) -> None:
     """Start the HTTP server."""
     import uvicorn
 
-    from .app import create_app
+    from .app import create_app, freeze_startup_objects
 
     settings = _settings(**options)
     _check_auth(settings)
@@ -99,8 +99,10 @@ def serve(log_level: str, **options: Any) -> None:
             timeout_graceful_shutdown=5,
         )
         return
+    app = create_app(settings)
+    freeze_startup_objects()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=log_level.lower(),

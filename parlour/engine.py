@@ -204,14 +204,10 @@ class TurnStream(GenerationStream[TurnResult]):
             # has tokens of room can fit: older ones need not be read.
             limit = backend.context_length - budget
             last = last_position if last_position is not None else -1
-            history = engine.history.get(conversation.id, last, limit)
-            loaded = history is None
-            if history is None:
+            rows = engine.history.get(conversation.id, last, limit)
+            loaded = rows is None
+            if rows is None:
                 rows = await queries.recent_history(conn, conversation.id, limit=limit)
-                history = [
-                    HistoryItem(ChatMessage(role, content), tokens)  # type: ignore[arg-type]
-                    for role, content, tokens in rows
-                ]
             now = utcnow()
             user_message = await queries.insert_message(
                 conn,
@@ -224,13 +220,11 @@ class TurnStream(GenerationStream[TurnResult]):
             )
             await queries.touch_conversation(conn, conversation, now, **changes)
         if loaded:
-            engine.history.put(
-                conversation.id, last, history, complete=len(history) < limit, keep=limit
-            )
+            engine.history.put(conversation.id, last, rows, complete=len(rows) < limit, keep=limit)
         engine.history.append(
             conversation.id,
             last,
-            HistoryItem(new, user_message.token_count),
+            ("user", user_message.content, user_message.token_count),
             user_message.position,
             keep=limit,
         )
@@ -238,7 +232,10 @@ class TurnStream(GenerationStream[TurnResult]):
             backend,
             parts=plan.system,
             hits=hits,
-            history=history,
+            history=[
+                HistoryItem(ChatMessage(role, content), tokens)  # type: ignore[arg-type]
+                for role, content, tokens in rows
+            ],
             new=new,
             reply_budget=budget,
         )
@@ -283,7 +280,7 @@ class TurnStream(GenerationStream[TurnResult]):
         engine.history.append(
             conversation.id,
             user_message.position,
-            HistoryItem(ChatMessage("assistant", assistant.content), assistant.token_count),
+            ("assistant", assistant.content, assistant.token_count),
             assistant.position,
             keep=limit,
         )

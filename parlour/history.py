@@ -1,11 +1,14 @@
 """The newest messages of recently active conversations, kept in memory between turns.
 
-Reading a conversation's history and building its items is most of a turn's cost once
-the conversation has a few dozen messages. Stored messages never change and only turns
+Reading a conversation's history is most of a turn's cost once the conversation has a
+few dozen messages. Stored messages never change and only turns
 append to a conversation, under its turn lock; so an entry that ends at the
 conversation's last stored position (read in the turn's own transaction, under the
 lock) is exactly what the database holds, whichever process wrote it. An entry that
 ends anywhere else is not used.
+
+Messages are kept as (role, content, token count) tuples of strings and numbers, which
+the garbage collector stops tracking: a large cache then adds nothing to its passes.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .context import HistoryItem
+#: A stored message as a turn needs it: (role, content, token count).
+Row = tuple[str, str, int]
 
 #: Characters of message text kept for all conversations together; the least recently
 #: used conversations are forgotten first.
@@ -27,7 +31,7 @@ MAX_CONVERSATIONS = 4096
 class _Entry:
     last_position: int
     #: The newest user and assistant messages, oldest first.
-    items: list[HistoryItem]
+    items: list[Row]
     #: True when `items` holds every user and assistant message of the conversation.
     complete: bool
     chars: int
@@ -49,8 +53,8 @@ class HistoryCache:
 
     def get(
         self, conversation_id: uuid.UUID, last_position: int | None, limit: int
-    ) -> list[HistoryItem] | None:
-        """The newest `limit` items if the entry ends at `last_position` and has them."""
+    ) -> list[Row] | None:
+        """The newest `limit` messages if the entry ends at `last_position` and has them."""
         entry = self._entries.get(conversation_id)
         if entry is None or last_position is None or entry.last_position != last_position:
             return None
@@ -63,17 +67,18 @@ class HistoryCache:
         self,
         conversation_id: uuid.UUID,
         last_position: int,
-        items: list[HistoryItem],
+        items: list[Row],
         *,
         complete: bool,
         keep: int,
     ) -> None:
-        """Remember a conversation's newest items ending at `last_position` (at most `keep`)."""
+        """Remember a conversation's newest messages ending at `last_position` (at most
+        `keep` of them)."""
         self.drop(conversation_id)
         if len(items) > keep:
             complete = False
         items = items[-keep:] if keep > 0 else []  # a copy: the caller keeps its own list
-        entry = _Entry(last_position, items, complete, sum(len(i.message.content) for i in items))
+        entry = _Entry(last_position, items, complete, sum(len(i[1]) for i in items))
         self._entries[conversation_id] = entry
         self.chars += entry.chars
         self._shrink()
@@ -82,7 +87,7 @@ class HistoryCache:
         self,
         conversation_id: uuid.UUID,
         after: int,
-        item: HistoryItem,
+        item: Row,
         position: int,
         *,
         keep: int,
@@ -97,9 +102,9 @@ class HistoryCache:
             return
         entry.items.append(item)
         entry.last_position = position
-        added = len(item.message.content)
+        added = len(item[1])
         while len(entry.items) > keep:
-            added -= len(entry.items.pop(0).message.content)
+            added -= len(entry.items.pop(0)[1])
             entry.complete = False
         entry.chars += added
         self.chars += added

@@ -17,8 +17,6 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from parlour.app import create_app
-from parlour.backends.base import ChatMessage
-from parlour.context import HistoryItem
 from parlour.history import HistoryCache
 from parlour.settings import Settings
 from parlour.store import queries
@@ -262,9 +260,9 @@ async def test_a_deleted_conversation_starts_the_session_afresh(
 # --- the history cache itself -----------------------------------------------------------
 
 
-def item(text: str, role: str = "user") -> HistoryItem:
-    """A history item of one token per word."""
-    return HistoryItem(ChatMessage(role, text), len(text.split()))  # type: ignore[arg-type]
+def item(text: str, role: str = "user") -> tuple[str, str, int]:
+    """A stored message of one token per word."""
+    return (role, text, len(text.split()))
 
 
 def test_history_is_used_only_where_it_ends() -> None:
@@ -272,9 +270,9 @@ def test_history_is_used_only_where_it_ends() -> None:
     cache.put(cid, 3, [item("a"), item("b", "assistant")], complete=True, keep=10)
     assert cache.get(cid, 2, 10) is None  # the store has fewer messages: not this history
     assert cache.get(cid, 4, 10) is None  # someone else wrote since
-    assert [i.message.content for i in cache.get(cid, 3, 10) or []] == ["a", "b"]
+    assert [i[1] for i in cache.get(cid, 3, 10) or []] == ["a", "b"]
     cache.append(cid, 3, item("c"), 4, keep=10)
-    assert [i.message.content for i in cache.get(cid, 4, 10) or []] == ["a", "b", "c"]
+    assert [i[1] for i in cache.get(cid, 4, 10) or []] == ["a", "b", "c"]
     cache.append(cid, 9, item("d"), 10, keep=10)  # does not follow on: forgotten
     assert cache.get(cid, 4, 10) is None and len(cache) == 0
 
@@ -282,7 +280,7 @@ def test_history_is_used_only_where_it_ends() -> None:
 def test_history_keeps_only_what_can_be_asked_for() -> None:
     cache, cid = HistoryCache(), uuid.uuid4()
     cache.put(cid, 5, [item(str(i)) for i in range(6)], complete=True, keep=4)
-    assert [i.message.content for i in cache.get(cid, 5, 3) or []] == ["3", "4", "5"]
+    assert [i[1] for i in cache.get(cid, 5, 3) or []] == ["3", "4", "5"]
     assert cache.get(cid, 5, 5) is None  # trimmed to four, so five are not known
     returned = cache.get(cid, 5, 4)
     assert returned is not None

@@ -207,8 +207,8 @@ async def recent_history(
     """The newest `limit` user and assistant messages (role, content, token_count), oldest
     first."""
     rows = await run(conn, _RECENT_HISTORY, {"id": conversation_id, "limit": max(0, limit)})
-    # Rows unpack like (role, content, token_count) tuples; no per-row copy is needed.
-    history = cast(list[tuple[str, str, int]], list(rows))
+    # Plain tuples (sqlite3's rows already are): they may be kept between turns.
+    history = cast(list[tuple[str, str, int]], [tuple(r) for r in rows])
     history.reverse()
     return history
 
