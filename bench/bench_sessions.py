@@ -346,7 +346,8 @@ class Setup:
     @classmethod
     def plan(cls, model: str | None, threads: int) -> Setup:
         """parlour's own choices for this model, read from the backend it would build."""
-        from parlour.models import build_backend, embedded_spec, spec_from_argument
+        from parlour.backends.registry import build_backend
+        from parlour.models import embedded_spec, spec_from_argument
 
         spec = spec_from_argument(model) if model else embedded_spec()
         backend: Any = build_backend(spec, threads=threads)

@@ -29,7 +29,8 @@ import llama_cpp
 from llama_cpp import _internals
 
 from parlour.backends.convert import converted
-from parlour.models import build_backend, embedded_spec, spec_from_argument
+from parlour.backends.registry import build_backend
+from parlour.models import embedded_spec, spec_from_argument
 
 Token = tuple[int, int, int, bool]  # sequence, position, token id, wants logits
 

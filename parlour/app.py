@@ -14,11 +14,12 @@ from .api import admin, bots, conversations, health, kernel2, openai
 from .api.errors import install_error_handlers
 from .api.security import install_auth
 from .auth import Authenticator, Principal
-from .engine import Engine
-from .models import ModelRegistry, build_registry
+from .backends.registry import build_registry
+from .models import ModelRegistry
 from .settings import Settings
 from .store.db import Database
 from .store.queries import LOCAL_OWNER
+from .turns.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,7 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
         summary="A self-hosted chat server for language models with server-side memory.",
         lifespan=lifespan,
     )
-    app.state.error_shapes = [
-        openai.openai_shape(),
-        kernel2.kernel2_shape(),
-        bots.bot_api_shape(),
-    ]
+    app.state.dialects = [openai.router, kernel2.router, bots.router]
     install_error_handlers(app)
     install_auth(app)
     app.include_router(health.router)

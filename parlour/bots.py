@@ -5,15 +5,15 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from . import knowledge
 from .errors import Conflict, InvalidRequest, NotFound
+from .knowledge import index as knowledge
 from .store.tables import Bot, KnowledgeBase, utcnow
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
@@ -140,21 +140,6 @@ async def get_bot(session: AsyncSession, ref: str) -> Bot:
     return bot
 
 
-async def resolve(session: AsyncSession, *, uid: str | None, slug: str | None) -> Bot:
-    """The bot a request names by uid (preferred when both are given) or slug."""
-    bot: Bot | None = None
-    if uid is not None:
-        try:
-            bot = await session.get(Bot, uuid.UUID(uid))
-        except ValueError:
-            bot = None
-    elif slug is not None:
-        bot = await session.scalar(select(Bot).where(Bot.slug == slug))
-    if bot is None:
-        raise NotFound("Bot not found")
-    return bot
-
-
 async def view(session: AsyncSession, bot: Bot) -> BotView:
     """A bot with its knowledge base's name."""
     return BotView(bot, await _kb_name(session, bot.kb_id))
@@ -226,21 +211,3 @@ async def remove_bot(session: AsyncSession, bot: Bot) -> None:
     """Delete a bot; its usage figures stay."""
     await session.delete(bot)
     await session.flush()
-
-
-def public(bot: Bot, model: str) -> dict[str, Any]:
-    """What `GET /v1/bots` shows of a bot; `model` is the model that serves it."""
-    return {
-        "uid": str(bot.uid),
-        "slug": bot.slug,
-        "name": bot.name,
-        "description": bot.description,
-        "model": model,
-        "welcome_message": bot.welcome_message,
-    }
-
-
-def system_parts(bot: Bot | None, request_system: Sequence[str]) -> list[str]:
-    """The system prompt parts for a Bot API request: the bot's first, then the request's."""
-    parts = [bot.system_prompt] if bot is not None and bot.system_prompt.strip() else []
-    return [*parts, *(s for s in request_system if s.strip())]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ParlourError(Exception):
     """Base of every error the core raises on purpose."""
@@ -111,3 +113,48 @@ class Conflict(ParlourError):
     status = 409
     code = "conflict"
     type = "invalid_request_error"
+
+
+class BotNotFound(NotFound):
+    """A request names a bot that does not exist; `ref` is the uid or slug it gave."""
+
+    def __init__(self, ref: str) -> None:
+        super().__init__("Bot not found")
+        self.ref = ref
+
+
+class SessionMoved(ParlourError):
+    """The session key no longer names the conversation a turn was started on."""
+
+    status = 409
+    code = "session_moved"
+
+
+class TurnCancelled(ParlourError):
+    """The client went away before generation started; nothing was written."""
+
+    status = 499
+    code = "cancelled"
+
+
+class UpstreamStatusError(ParlourError):
+    """An upstream answered with an error status before any token."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class BodyUnreadable(InvalidRequest):
+    """The body is not text at all (FastAPI answers 400 for this, not 422)."""
+
+
+class BodyInvalid(ParlourError):
+    """The body failed validation; `errors` is the `detail` list of a 422 response."""
+
+    status = 422
+    code = "invalid_body"
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(f"{len(errors)} validation error(s)")
+        self.errors = errors

@@ -1,4 +1,4 @@
-"""Configured models: names, aliases, backends, and how a requested name is resolved."""
+"""Configured models: their specs, the embedded default, and how a requested name is resolved."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import asyncio
 import importlib.util
 import logging
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_ALIASES = ("smollm2", "SmolLM2-135M-Instruct")
-BACKEND_KINDS = ("llama", "scripted", "openai")
 
 
 def embedded_gguf() -> Path:
@@ -77,35 +75,6 @@ def spec_from_argument(value: str) -> ModelSpec:
         f"unknown model {value!r}: name a model from the config file, a .gguf path, "
         f"`scripted`, or {EMBEDDED_NAME}"
     )
-
-
-def load_config(path: Path) -> tuple[list[ModelSpec], str | None]:
-    """Read `[[models]]` tables and an optional top-level `default` from a TOML file."""
-    data = tomllib.loads(path.read_text(encoding="utf-8"))
-    specs: list[ModelSpec] = []
-    for entry in data.get("models", []):
-        entry = dict(entry)
-        name = entry.pop("name", None)
-        backend = entry.pop("backend", "llama")
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"{path}: every [[models]] entry needs a name")
-        if backend not in BACKEND_KINDS:
-            raise ValueError(f"{path}: model {name!r} has unknown backend {backend!r}")
-        raw_path = entry.pop("path", None)
-        specs.append(
-            ModelSpec(
-                name=name,
-                backend=backend,
-                aliases=tuple(entry.pop("aliases", ())),
-                path=Path(raw_path).expanduser() if raw_path else None,
-                context_length=entry.pop("context_length", None),
-                max_tokens=int(entry.pop("max_tokens", 512)),
-                threads=entry.pop("threads", None),
-                options=entry,
-            )
-        )
-    default = data.get("default")
-    return specs, default if isinstance(default, str) else None
 
 
 @dataclass
@@ -194,97 +163,3 @@ class ModelRegistry:
             self._loading.cancel()
         for model in self.models:
             await model.backend.close()
-
-
-def build_backend(
-    spec: ModelSpec,
-    *,
-    threads: int | None = None,
-    state_dir: Path | None = None,
-    cache_dir: Path | None = None,
-) -> Backend:
-    """Construct (but do not load) the backend for a spec."""
-    if spec.backend == "scripted":
-        from .backends.scripted import ScriptedBackend
-
-        return ScriptedBackend(
-            context_length=spec.context_length or 4096,
-            token_delay=float(spec.options.get("token_delay", 0.0)),
-        )
-    if spec.backend == "llama":
-        from .backends.convert import weight_type
-        from .backends.llama import LlamaBackend
-
-        options = spec.options
-        # The embedded Q4_1 file is converted to Q8_0 (prompts ~2x faster, see
-        # BENCHMARKS.md); a GGUF the user names is loaded as it is unless configured.
-        weights = weight_type(options.get("weights", "q8_0" if spec.path is None else None))
-        return LlamaBackend(
-            path=spec.path or embedded_gguf(),
-            context_length=spec.context_length,
-            threads=spec.threads or threads,
-            batch_threads=options.get("batch_threads"),
-            slots=int(options.get("slots", 8)),
-            kv_cells=options.get("kv_cells"),
-            state_dir=state_dir / spec.name if state_dir is not None else None,
-            ram_budget=int(options.get("state_ram_mb", 256)) * 2**20,
-            disk_budget=int(options.get("state_disk_mb", 2048)) * 2**20,
-            weights=weights,
-            cache_dir=cache_dir,
-            flash_attn=bool(options.get("flash_attn", True)),
-            batch_streams=bool(options.get("batch_streams", False)),
-        )
-    if spec.backend == "openai":
-        from .backends.openai import OpenAIBackend
-
-        urls = spec.options.get("base_urls") or spec.options.get("base_url")
-        if isinstance(urls, str):
-            urls = [urls]
-        if not urls or not all(isinstance(u, str) for u in urls):
-            raise ValueError(f"model {spec.name!r}: the openai backend needs base_url or base_urls")
-        return OpenAIBackend(
-            base_urls=urls,
-            model=str(spec.options.get("upstream_model") or spec.name),
-            api_key_env=spec.options.get("api_key_env"),
-            context_length=spec.context_length or 8192,
-            connect_timeout=float(spec.options.get("connect_timeout", 5.0)),
-            read_timeout=float(spec.options.get("read_timeout", 120.0)),
-        )
-    raise ValueError(f"model {spec.name!r}: the {spec.backend!r} backend is not available")
-
-
-def build_registry(
-    *,
-    model: str | None,
-    config: Path | None,
-    strict: bool,
-    threads: int | None = None,
-    state_dir: Path | None = None,
-    cache_dir: Path | None = None,
-) -> ModelRegistry:
-    """Models from the config file plus the one named by --model (default: the embedded one)."""
-    specs: list[ModelSpec] = []
-    default: str | None = None
-    if config is not None:
-        specs, default = load_config(config)
-    names = {n for s in specs for n in s.names}
-    if model is not None:
-        if model in names:
-            default = model
-        else:
-            extra = spec_from_argument(model)
-            specs.insert(0, extra)
-            default = extra.name
-    if not specs:
-        specs = [embedded_spec()]
-    default = default or specs[0].name
-    now = int(time.time())
-    loaded = [
-        LoadedModel(
-            spec=s,
-            backend=build_backend(s, threads=threads, state_dir=state_dir, cache_dir=cache_dir),
-            created=now,
-        )
-        for s in specs
-    ]
-    return ModelRegistry(loaded, default=default, strict=strict)

@@ -12,7 +12,7 @@ import httpx
 import jwt
 from click.testing import CliRunner
 
-from parlour.cli import main
+from parlour.cli.main import main
 from tests.conftest import ServerProcess, server_env
 from tests.support.auth import AUDIENCE, ISSUER, SECRET, bearer
 

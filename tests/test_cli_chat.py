@@ -14,11 +14,12 @@ import httpx
 import pytest
 from click.testing import CliRunner, Result
 
-from parlour import terminal
 from parlour.app import create_app
+from parlour.backends.registry import build_registry
 from parlour.backends.scripted import ScriptedBackend
-from parlour.cli import main
-from parlour.models import ModelRegistry, build_registry
+from parlour.cli import chat as terminal
+from parlour.cli.main import main
+from parlour.models import ModelRegistry
 from parlour.settings import Settings
 from tests.support.kb_documents import QUESTION, write_documents
 
@@ -91,7 +92,7 @@ def cli(tmp_path: Path, database_url: str | None, monkeypatch: pytest.MonkeyPatc
         return registry
 
     # The real registry, kept so the test can see what the model was sent.
-    monkeypatch.setattr("parlour.terminal.build_registry", keep)
+    monkeypatch.setattr("parlour.cli.chat.build_registry", keep)
     return chat
 
 

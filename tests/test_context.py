@@ -11,9 +11,9 @@ import pytest
 from fastapi import FastAPI
 
 from parlour.app import create_app
-from parlour.context import MESSAGE_OVERHEAD
 from parlour.models import embedded_gguf
 from parlour.settings import Settings
+from parlour.turns.context import MESSAGE_OVERHEAD
 
 URL = "/v1/chat/completions"
 

@@ -8,8 +8,9 @@ from sqlalchemy import select
 
 from parlour import bots
 from parlour.backends.scripted import ScriptedBackend
-from parlour.engine import Engine
 from parlour.store.tables import Conversation
+from parlour.turns.engine import Engine
+from parlour.turns.request import BotRef
 
 URL = "/v1/chat/completions"
 
@@ -28,7 +29,7 @@ async def test_bot_prompt_comes_first_and_its_settings_win(
     )
     owner = app.state.local_principal.owner_id
     conversation = await engine.session_conversation(
-        owner_id=owner, session_key="ship", model=None, bot_id=view.bot.uid
+        owner_id=owner, session_key="ship", bot=BotRef(str(view.bot.uid), by="uid")
     )
     assert conversation.bot_id == view.bot.uid
 
@@ -57,7 +58,7 @@ async def test_bot_prompt_comes_first_and_its_settings_win(
     # Opening the session again with another bot switches the conversation to it.
     other = await make_bot(engine, slug="poet", system_prompt="Answer in verse.")
     again = await engine.session_conversation(
-        owner_id=owner, session_key="ship", model=None, bot_id=other.bot.uid
+        owner_id=owner, session_key="ship", bot=BotRef(str(other.bot.uid), by="uid")
     )
     assert again.id == conversation.id
     await client.post(
@@ -74,7 +75,7 @@ async def test_deleting_the_bot_leaves_its_conversations_working(
     view = await make_bot(engine, slug="pirate", system_prompt="Talk like a pirate.")
     owner = app.state.local_principal.owner_id
     conversation = await engine.session_conversation(
-        owner_id=owner, session_key="ship", model=None, bot_id=view.bot.uid
+        owner_id=owner, session_key="ship", bot=BotRef(str(view.bot.uid), by="uid")
     )
     async with engine.db.session() as session, session.begin():
         await bots.remove_bot(session, await bots.get_bot(session, "pirate"))

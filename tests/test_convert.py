@@ -11,7 +11,8 @@ import pytest
 from parlour.backends.base import ChatMessage, GenerationParams
 from parlour.backends.convert import cached_path, converted, weight_type
 from parlour.backends.llama import LlamaBackend
-from parlour.models import build_registry, embedded_gguf
+from parlour.backends.registry import build_registry
+from parlour.models import embedded_gguf
 
 
 def test_weight_type_names() -> None:

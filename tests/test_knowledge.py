@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from parlour import knowledge
-from parlour.cli import main
-from parlour.documents import CHUNK_TOKENS, approx_tokens, chunk_pages, open_document
+from parlour.cli.main import main
 from parlour.errors import InvalidRequest
+from parlour.knowledge import index as knowledge
+from parlour.knowledge.documents import CHUNK_TOKENS, approx_tokens, chunk_pages, open_document
 from parlour.store.db import Database
 from tests.support.kb_documents import ANSWER, DOCUMENTS, QUESTION, write_documents
 from tests.support.pdf import make_pdf

@@ -13,8 +13,8 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from parlour.backends import llama as llama_module
 from parlour.backends.base import ChatMessage, Chunk, GenerationParams
 from parlour.backends.llama import LlamaBackend, StopScanner
-from parlour.context import MESSAGE_OVERHEAD
 from parlour.models import embedded_gguf
+from parlour.turns.context import MESSAGE_OVERHEAD
 
 STORY = ChatMessage("user", "Write a very long story about a dragon who learns to bake bread.")
 

@@ -12,7 +12,7 @@ import pytest
 
 from parlour.backends.base import ChatMessage, GenerationParams
 from parlour.backends.llama import LlamaBackend
-from parlour.backends.sessions import StateStore
+from parlour.backends.state_store import StateStore
 from parlour.models import embedded_gguf
 
 pytestmark = pytest.mark.model

@@ -17,9 +17,10 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .. import bots, knowledge, usage
-from ..documents import SourceDocument, open_document
+from .. import bots, usage
 from ..errors import InvalidRequest
+from ..knowledge import index as knowledge
+from ..knowledge.documents import SourceDocument, open_document
 from ..store.tables import KbDocument
 from .body import too_large
 from .deps import AdminDep, EngineDep

@@ -5,31 +5,28 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .. import bots
 from ..backends.base import ChatMessage
-from ..engine import Sampling
-from ..errors import InvalidRequest, ModelNotFound, ParlourError
+from ..errors import BodyInvalid, InvalidRequest, ModelNotFound, ParlourError
 from ..models import ModelRegistry
-from ..stateless import CompletionRequest, CompletionStream
-from ..store.tables import Bot
+from ..store import queries
+from ..turns.request import BotRef, Messages, TurnRequest
+from ..turns.stream import Turn
 from . import sse
 from .body import read_body
-from .bots_protocol import BodyInvalid, BodyUnreadable, BotChatRequest, parse
+from .bots_protocol import BotChatRequest, parse, public
 from .deps import EngineDep, ModelsDep, PrincipalDep, SettingsDep
-from .errors import ErrorShape, detail_body
-
-router = APIRouter(tags=["bot api"])
-
-BOT_API_PATHS = ("/chat", "/v1/chat", "/v1/bots")
+from .errors import DialectRouter
 
 
-def bot_api_shape() -> ErrorShape:
-    """Errors on the Bot API's paths are FastAPI's `{"detail": message}`."""
-    return ErrorShape(matches=lambda path: path.rstrip("/") in BOT_API_PATHS, render=detail_body)
+def error_body(error: ParlourError) -> Any:
+    """FastAPI's `{"detail": …}`: a message, or pydantic v1's list of validation errors."""
+    return {"detail": error.errors if isinstance(error, BodyInvalid) else error.message}
+
+
+router = DialectRouter(tags=["bot api"], render_error=error_body)
 
 
 def model_name(models: ModelRegistry, name: str | None) -> str:
@@ -50,9 +47,9 @@ def instructions(body: BotChatRequest) -> list[str]:
     return lines
 
 
-def completion_request(owner_id: Any, bot: Bot, body: BotChatRequest) -> CompletionRequest:
-    """The engine request: the bot's system prompt first, then the request's, then the
-    instructions; the bot's model settings and knowledge base."""
+def turn_request(owner_id: Any, body: BotChatRequest) -> TurnRequest:
+    """The engine request: the whole conversation, not stored; the bot's system prompt comes
+    first, then the request's, then the instructions (the bot is applied in the core)."""
     system: list[str] = []
     history: list[ChatMessage] = []
     for message in body.messages or ():
@@ -66,32 +63,28 @@ def completion_request(owner_id: Any, bot: Bot, body: BotChatRequest) -> Complet
         raise InvalidRequest(
             "There is nothing to answer: send a prompt, or messages with at least one user message."
         )
-    return CompletionRequest(
+    *earlier, new = history
+    bot = BotRef(body.bot_uid, by="uid") if body.bot_uid is not None else None
+    return TurnRequest(
         owner_id=owner_id,
-        messages=tuple(history),
-        system=tuple(bots.system_parts(bot, [*system, *instructions(body)])),
-        sampling=Sampling().with_bot(bot),
-        model=bot.model,
-        retrieval=bot.enable_l0_retrieval,
-        knowledge_base_id=bot.kb_id,
-        bot_id=bot.uid,
+        target=Messages(tuple(earlier)),
+        new=new,
+        bot=bot or BotRef(body.bot_slug or "", by="slug"),
+        system=(*system, *instructions(body)),
+        shrink_reply=True,
         user_id=body.user_id,
         dialect="bot",
     )
 
 
-async def _events(stream: CompletionStream) -> AsyncIterator[str]:
+async def _events(turn: Turn) -> AsyncIterator[str]:
+    yield sse.event({"content": ""})
     try:
-        yield sse.event({"content": ""})
-        try:
-            async for delta in stream:
-                yield sse.event({"content": delta})
-        except ParlourError as exc:
-            yield sse.event(detail_body(exc))
-        yield sse.DONE
-    finally:
-        # Also reached when the client disconnects: stop generating.
-        stream.cancel()
+        async for delta in turn:
+            yield sse.event({"content": delta})
+    except ParlourError as exc:
+        yield sse.event(error_body(exc))
+    yield sse.DONE
 
 
 CHAT_SCHEMA: dict[str, Any] = {
@@ -136,29 +129,12 @@ async def chat(
     principal: PrincipalDep,
 ) -> Response:
     """Answer as a bot; the client sends the whole conversation."""
-    raw = await read_body(request, settings.max_body_bytes)
-    try:
-        body = parse(raw)
-    except BodyInvalid as exc:
-        return JSONResponse({"detail": exc.errors}, status_code=422)
-    except BodyUnreadable as exc:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
-    async with engine.db.read() as session, session.begin():
-        bot = await bots.resolve(session, uid=body.bot_uid, slug=body.bot_slug)
-    stream = engine.complete(completion_request(principal.owner_id, bot, body))
+    body = parse(await read_body(request, settings.max_body_bytes))
+    turn = engine.start(turn_request(principal.owner_id, body))
     if body.stream:
-        try:
-            await stream.first_output()
-        except BaseException:
-            stream.cancel()
-            raise
-        return sse.response(_events(stream))
-    try:
-        async for _ in stream:
-            pass
-        result = await stream.result()
-    finally:
-        stream.cancel()
+        return await sse.stream(turn, _events)
+    async with turn:
+        result = await turn.finish()
     return JSONResponse({"content": result.text})
 
 
@@ -185,5 +161,5 @@ for path in ("/chat", "/v1/chat"):
 async def list_bots(engine: EngineDep, models: ModelsDep, principal: PrincipalDep) -> Any:
     """Every bot's uid, slug, name, description, model and welcome message."""
     async with engine.db.read() as session, session.begin():
-        found = await bots.list_bots(session)
-    return [bots.public(v.bot, model_name(models, v.bot.model)) for v in found]
+        found = await queries.list_bots(session)
+    return [public(bot, model_name(models, bot.model)) for bot in found]

@@ -13,24 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import BodyInvalid, BodyUnreadable
+from ..store.tables import Bot
+
 Loc = tuple[str | int, ...]
 ErrorDict = dict[str, Any]
 
 ROLES = ("system", "user", "assistant")
 _TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
 _FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
-
-
-class BodyInvalid(Exception):
-    """The body failed validation; `errors` is the `detail` list of the 422 response."""
-
-    def __init__(self, errors: list[ErrorDict]) -> None:
-        super().__init__(f"{len(errors)} validation error(s)")
-        self.errors = errors
-
-
-class BodyUnreadable(Exception):
-    """The body is not text at all (FastAPI answers 400 for this, not 422)."""
 
 
 @dataclass(frozen=True)
@@ -285,3 +276,15 @@ def parse(raw: bytes) -> BotChatRequest:
     except RecursionError:
         raise BodyUnreadable("There was an error parsing the body") from None
     return validate(data)
+
+
+def public(bot: Bot, model: str) -> dict[str, Any]:
+    """What `GET /v1/bots` shows of a bot; `model` is the model that serves it."""
+    return {
+        "uid": str(bot.uid),
+        "slug": bot.slug,
+        "name": bot.name,
+        "description": bot.description,
+        "model": model,
+        "welcome_message": bot.welcome_message,
+    }

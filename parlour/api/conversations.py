@@ -13,11 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import JSONResponse, Response
 
-from ..engine import Sampling, TurnRequest, TurnStream
+from ..backends.base import ChatMessage
 from ..errors import NotFound, ParlourError
 from ..models import ModelRegistry
 from ..store import queries
 from ..store.tables import Conversation, Message, utcnow
+from ..turns.request import Sampling, Stored, TurnRequest, TurnResult
+from ..turns.stream import Turn
 from . import sse
 from .deps import EngineDep, ModelsDep, PrincipalDep
 
@@ -300,24 +302,23 @@ async def list_messages(
         return [MessagePublic.of(m) for m in messages]
 
 
-async def _events(turn: TurnStream) -> AsyncIterator[str]:
+async def _events(turn: Turn) -> AsyncIterator[str]:
     try:
-        try:
-            async for delta in turn:
-                yield sse.event({"token": delta})
-        except ParlourError as exc:
-            yield sse.event({"error": {"message": exc.message}})
-        try:
-            result = await turn.result()
-            message: dict[str, Any] | None = MessagePublic.of(result.assistant_message).model_dump(
-                mode="json"
-            )
-        except ParlourError:
-            message = None
-        yield sse.event({"done": True, "message": message})
-    finally:
-        # Reached when the client disconnects too: stop generating, keep the partial reply.
-        turn.cancel()
+        async for delta in turn:
+            yield sse.event({"token": delta})
+    except ParlourError as exc:
+        yield sse.event({"error": {"message": exc.message}})
+    try:
+        result = await turn.result()
+        message: dict[str, Any] | None = _public(result)
+    except ParlourError:
+        message = None
+    yield sse.event({"done": True, "message": message})
+
+
+def _public(result: TurnResult) -> dict[str, Any]:
+    assert result.assistant_message is not None  # a turn on a stored conversation
+    return MessagePublic.of(result.assistant_message).model_dump(mode="json")
 
 
 @router.post(
@@ -342,29 +343,17 @@ async def post_message(
     principal: PrincipalDep,
 ) -> Response:
     """Add a user message and generate the reply with the conversation's model."""
-    turn = engine.turn(
+    turn = engine.start(
         TurnRequest(
             owner_id=principal.owner_id,
-            conversation_id=conversation_id,
-            content=body.message.content,
+            target=Stored(conversation_id),
+            new=ChatMessage("user", body.message.content),
             sampling=Sampling(max_tokens=body.max_tokens, temperature=body.temperature),
             dialect="conversations",
         )
     )
-    try:
-        await turn.started()
-        if body.stream:
-            # A failure before any text still gets a real HTTP status.
-            await turn.first_output()
-    except BaseException:
-        turn.cancel()
-        raise
     if body.stream:
-        return sse.response(_events(turn))
-    try:
-        async for _ in turn:
-            pass
-        result = await turn.result()
-    finally:
-        turn.cancel()
-    return JSONResponse(MessagePublic.of(result.assistant_message).model_dump(mode="json"))
+        return await sse.stream(turn, _events)
+    async with turn:
+        result = await turn.finish()
+    return JSONResponse(_public(result))

@@ -9,10 +9,10 @@ from starlette.requests import Request
 
 from ..auth import Authenticator
 from ..auth import Principal as Principal
-from ..engine import Engine
 from ..errors import Forbidden
 from ..models import ModelRegistry
 from ..settings import Settings
+from ..turns.engine import Engine
 
 
 async def get_engine(request: Request) -> Engine:

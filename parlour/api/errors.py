@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match
+from starlette.types import Scope
 
 from ..errors import ParlourError, Unauthorized
 
@@ -18,23 +19,33 @@ from ..errors import ParlourError, Unauthorized
 Renderer = Callable[[ParlourError], Any]
 
 
-@dataclass(frozen=True)
-class ErrorShape:
-    """Which paths speak a dialect and how that dialect writes errors."""
-
-    matches: Callable[[str], bool]
-    render: Renderer
-
-
 def detail_body(error: ParlourError) -> Any:
     """FastAPI's own shape: `{"detail": message}`."""
     return {"detail": error.message}
 
 
+class DialectRouter(APIRouter):
+    """A dialect's routes, with the way that dialect writes errors."""
+
+    def __init__(self, *, render_error: Renderer, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.render_error = render_error
+
+    def serves(self, scope: Scope) -> bool:
+        """True if one of this router's routes serves the request (or refuses its method)."""
+        return any(route.matches(scope)[0] is not Match.NONE for route in self.routes)
+
+
+def renderer(request: Request) -> Renderer | None:
+    """How the dialect of the request's route writes errors; None outside the dialects.
+    Also right for errors raised before routing (the auth guard)."""
+    routers: list[DialectRouter] = getattr(request.app.state, "dialects", [])
+    return next((r.render_error for r in routers if r.serves(request.scope)), None)
+
+
 def error_response(request: Request, error: ParlourError) -> Response:
-    """Render `error` for the dialect that owns the request's path."""
-    shapes: list[ErrorShape] = getattr(request.app.state, "error_shapes", [])
-    render = next((s.render for s in shapes if s.matches(request.url.path)), detail_body)
+    """Render `error` for the dialect of the route that serves the request."""
+    render = renderer(request) or detail_body
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, Unauthorized) else None
     return JSONResponse(render(error), status_code=error.status, headers=headers)
 
@@ -56,8 +67,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        shapes: list[ErrorShape] = getattr(request.app.state, "error_shapes", [])
-        if not any(s.matches(request.url.path) for s in shapes):
+        if renderer(request) is None:
             return JSONResponse(
                 {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
             )

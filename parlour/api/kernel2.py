@@ -6,28 +6,24 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-from fastapi import APIRouter
 from pydantic import Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .. import __version__, bots
+from .. import __version__
 from ..backends.base import ChatMessage
-from ..engine import Engine, Sampling
-from ..errors import InvalidRequest, NotFound, ParlourError
-from ..stateless import CompletionRequest, CompletionStream
-from ..store.tables import Bot
+from ..errors import BotNotFound, InvalidRequest, ParlourError
+from ..turns.request import BotRef, Messages, Sampling, TurnRequest
+from ..turns.stream import Turn
 from . import sse
 from .body import read_json
 from .deps import EngineDep, PrincipalDep, SettingsDep
-from .errors import ErrorShape
+from .errors import DialectRouter
 from .openai_protocol import ContentPart, Wire, usage
 from .schema import json_request_body
-
-router = APIRouter(tags=["second me"])
 
 PREFIX = "/api/kernel2"
 DEFAULT_TEMPERATURE = 0.1
@@ -35,15 +31,14 @@ DEFAULT_MAX_TOKENS = 2000
 
 
 def error_body(error: ParlourError) -> dict[str, Any]:
-    """Second Me's error object."""
-    return {"success": False, "message": error.message, "code": error.status}
+    """Second Me's error object; bots are roles here."""
+    message = error.message
+    if isinstance(error, BotNotFound):
+        message = f"Role {error.ref} not found; GET /v1/bots lists the roles' uids."
+    return {"success": False, "message": message, "code": error.status}
 
 
-def kernel2_shape() -> ErrorShape:
-    """Errors under /api/kernel2 use Second Me's shape."""
-    return ErrorShape(
-        matches=lambda path: path == PREFIX or path.startswith(PREFIX + "/"), render=error_body
-    )
+router = DialectRouter(tags=["second me"], render_error=error_body)
 
 
 class Kernel2Message(Wire):
@@ -113,11 +108,9 @@ def _text(message: Kernel2Message, index: int) -> str:
     return "\n".join(texts)
 
 
-def completion_request(
-    owner_id: uuid.UUID, body: Kernel2Request, role: Bot | None
-) -> CompletionRequest:
-    """The engine request. A role's system prompt replaces the request's, and its L0 flag,
-    model, temperature and max tokens win over the request's."""
+def turn_request(owner_id: uuid.UUID, body: Kernel2Request) -> TurnRequest:
+    """The engine request: the whole history, not stored. A role's system prompt replaces
+    the request's, and its L0 flag, model and settings win (decided in the core)."""
     system: list[str] = []
     history: list[ChatMessage] = []
     for index, message in enumerate(body.messages):
@@ -130,21 +123,20 @@ def completion_request(
         raise InvalidRequest("messages has no user message: add one to be answered.")
     metadata = body.metadata or Kernel2Metadata()
     temperature = body.temperature if body.temperature is not None else DEFAULT_TEMPERATURE
-    max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS
-    if role is not None:
-        system = [role.system_prompt]
-        retrieval = role.enable_l0_retrieval
-    else:
-        retrieval = bool(metadata.enable_l0_retrieval)
-    return CompletionRequest(
+    *earlier, new = history
+    return TurnRequest(
         owner_id=owner_id,
-        messages=tuple(history),
+        target=Messages(tuple(earlier)),
+        new=new,
+        sampling=Sampling(
+            max_tokens=body.max_tokens or DEFAULT_MAX_TOKENS, temperature=temperature
+        ),
+        model=body.model,
+        bot=BotRef(metadata.role_id) if metadata.role_id else None,
         system=tuple(system),
-        sampling=Sampling(max_tokens=max_tokens, temperature=temperature).with_bot(role),
-        model=(role.model if role is not None and role.model else None) or body.model,
-        retrieval=retrieval,
-        knowledge_base_id=role.kb_id if role is not None else None,
-        bot_id=role.uid if role is not None else None,
+        bot_replaces_system=True,
+        retrieval=bool(metadata.enable_l0_retrieval),
+        shrink_reply=True,
         dialect="kernel2",
     )
 
@@ -172,7 +164,7 @@ async def _next(iterator: AsyncIterator[str]) -> str:
     return await anext(iterator)
 
 
-async def with_heartbeat(stream: CompletionStream, interval: float) -> AsyncIterator[str | None]:
+async def with_heartbeat(stream: Turn, interval: float) -> AsyncIterator[str | None]:
     """The stream's deltas, with None each time `interval` seconds pass without one."""
     iterator = aiter(stream)
     pending: asyncio.Task[str] | None = None
@@ -194,21 +186,21 @@ async def with_heartbeat(stream: CompletionStream, interval: float) -> AsyncIter
             pending.cancel()
 
 
-async def _events(stream: CompletionStream, model: str, interval: float) -> AsyncIterator[str]:
-    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    try:
+def _events(interval: float) -> Callable[[Turn], AsyncIterator[str]]:
+    async def events(turn: Turn) -> AsyncIterator[str]:
+        cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), turn.model or ""
         yield sse.event(
             chunk(id=cid, created=created, model=model, delta={"role": "assistant", "content": ""})
         )
         try:
-            async for delta in with_heartbeat(stream, interval):
+            async for delta in with_heartbeat(turn, interval):
                 if delta is None:
                     yield ": heartbeat\n\n"
                 else:
                     yield sse.event(
                         chunk(id=cid, created=created, model=model, delta={"content": delta})
                     )
-            result = await stream.result()
+            result = await turn.result()
         except ParlourError as exc:
             yield sse.event(error_body(exc))
             yield sse.DONE
@@ -217,19 +209,8 @@ async def _events(stream: CompletionStream, model: str, interval: float) -> Asyn
             chunk(id=cid, created=created, model=model, delta={}, finish=result.finish_reason)
         )
         yield sse.DONE
-    finally:
-        # Also reached when the client disconnects: stop generating.
-        stream.cancel()
 
-
-async def _role(engine: Engine, role_id: str | None) -> Bot | None:
-    if role_id is None or role_id == "":
-        return None
-    async with engine.db.read() as session, session.begin():
-        found = await bots.find_bot(session, role_id)
-    if found is None:
-        raise NotFound(f"Role {role_id} not found; GET /v1/bots lists the roles' uids.")
-    return found
+    return events
 
 
 @router.post(
@@ -253,23 +234,11 @@ async def chat(
 ) -> Response:
     """Answer the last message of the history the client sends."""
     body = parse_request(await read_json(request, settings.max_body_bytes))
-    metadata = body.metadata or Kernel2Metadata()
-    role = await _role(engine, metadata.role_id)
-    stream = engine.complete(completion_request(principal.owner_id, body, role))
-    try:
-        await stream.started()
-    except BaseException:
-        stream.cancel()
-        raise
-    model = stream.model or ""
+    turn = engine.start(turn_request(principal.owner_id, body))
     if body.stream is not False:
-        return sse.response(_events(stream, model, settings.heartbeat_seconds))
-    try:
-        async for _ in stream:
-            pass
-        result = await stream.result()
-    finally:
-        stream.cancel()
+        return await sse.stream(turn, _events(settings.heartbeat_seconds), wait_for_output=False)
+    async with turn:
+        result = await turn.finish()
     return JSONResponse(
         {
             "id": f"chatcmpl-{uuid.uuid4().hex}",

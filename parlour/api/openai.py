@@ -5,19 +5,21 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, Header
+from fastapi import Header
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..engine import Engine, Sampling, TurnRequest, TurnStream
+from ..backends.base import ChatMessage
 from ..errors import InvalidRequest, ParlourError
+from ..turns.request import Sampling, Session, TurnRequest
+from ..turns.stream import Turn
 from . import sse
 from .body import read_json
 from .deps import EngineDep, ModelsDep, PrincipalDep, SettingsDep
-from .errors import ErrorShape
+from .errors import DialectRouter
 from .openai_protocol import (
     ChatCompletionRequest,
     RequestMessage,
@@ -29,26 +31,13 @@ from .openai_protocol import (
 )
 from .schema import json_request_body
 
-router = APIRouter(tags=["openai"])
+router = DialectRouter(tags=["openai"], render_error=error_body)
 
 HELP_TEXT = (
     "Commands:\n"
     "/new - start a fresh conversation under this session key (the old one is kept)\n"
     "/help - show this list"
 )
-
-#: session_turn() finds the conversation from the session key.
-NO_CONVERSATION = uuid.UUID(int=0)
-
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/models", "/v1/completions", "/v1/embeddings")
-
-
-def openai_shape() -> ErrorShape:
-    """Errors on this dialect's paths use OpenAI's error object."""
-    return ErrorShape(
-        matches=lambda path: path.rstrip("/") in OPENAI_PATHS or path.startswith("/v1/models/"),
-        render=error_body,
-    )
 
 
 def _session_key(value: str | None) -> str:
@@ -88,8 +77,8 @@ def _text(message: RequestMessage, index: int) -> str:
     return "\n".join(texts)
 
 
-def new_turn(body: ChatCompletionRequest) -> tuple[str, str | None]:
-    """The user text of the new turn and the system prompt the request sets, if any."""
+def new_turn(body: ChatCompletionRequest) -> tuple[str, tuple[str, ...]]:
+    """The user text of the new turn and the system prompt parts the request sets."""
     messages = body.messages
     last_assistant = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
     system = [_text(m, i) for i, m in enumerate(messages) if m.role in ("system", "developer")]
@@ -100,7 +89,7 @@ def new_turn(body: ChatCompletionRequest) -> tuple[str, str | None]:
             "after the last assistant message.",
             param="messages",
         )
-    return "\n\n".join(users), ("\n\n".join(system) if system else None)
+    return "\n\n".join(users), tuple(system)
 
 
 def _sampling(body: ChatCompletionRequest) -> Sampling:
@@ -145,9 +134,9 @@ def _command_reply(body: ChatCompletionRequest, model: str, text: str) -> Respon
     return sse.response(events())
 
 
-async def _stream(turn: TurnStream, body: ChatCompletionRequest, model: str) -> AsyncIterator[str]:
-    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    try:
+def _events(body: ChatCompletionRequest) -> Callable[[Turn], AsyncIterator[str]]:
+    async def events(turn: Turn) -> AsyncIterator[str]:
+        cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), turn.model or ""
         yield sse.event(
             chunk(id=cid, created=created, model=model, delta={"role": "assistant", "content": ""})
         )
@@ -175,24 +164,19 @@ async def _stream(turn: TurnStream, body: ChatCompletionRequest, model: str) -> 
                 )
             )
         yield sse.DONE
-    finally:
-        # Reached when the client disconnects too: stop generating, keep the partial reply.
-        turn.cancel()
+
+    return events
 
 
-async def _complete(turn: TurnStream) -> Response:
-    try:
-        async for _ in turn:
-            pass
-        result = await turn.result()
-    finally:
-        turn.cancel()
+async def _complete(turn: Turn) -> Response:
+    async with turn:
+        result = await turn.finish()
     return JSONResponse(
         completion(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=result.model,
-            content=result.assistant_message.content,
+            content=result.text,
             finish_reason=result.finish_reason,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
@@ -226,56 +210,29 @@ async def chat_completions(
     """Continue the session named by x-session-key with the request's new messages."""
     session_key = _session_key(x_session_key)
     body = parse_request(await read_json(request, settings.max_body_bytes))
-    content, system_prompt = new_turn(body)
-    model = models.ready_model(body.model)
+    content, system = new_turn(body)
     command = content.strip()
-    if command == "/new":
+    if command in ("/new", "/help"):
+        model = models.ready_model(body.model).spec.name
+        if command == "/help":
+            return _command_reply(body, model, HELP_TEXT)
         await engine.reset_session(owner_id=principal.owner_id, session_key=session_key)
-        return _command_reply(body, model.spec.name, "Started a new session.")
-    if command == "/help":
-        return _command_reply(body, model.spec.name, HELP_TEXT)
-    turn = await start_turn(
-        engine,
-        owner_id=principal.owner_id,
-        session_key=session_key,
-        body=body,
-        content=content,
-        system_prompt=system_prompt,
-    )
-    if body.stream:
-        try:
-            await turn.first_output()
-        except BaseException:
-            turn.cancel()
-            raise
-        return sse.response(_stream(turn, body, turn.model or model.spec.name))
-    return await _complete(turn)
-
-
-async def start_turn(
-    engine: Engine,
-    *,
-    owner_id: uuid.UUID,
-    session_key: str,
-    body: ChatCompletionRequest,
-    content: str,
-    system_prompt: str | None,
-) -> TurnStream:
-    """Open (or create) the session's conversation and start a turn on it."""
-    return await engine.session_turn(
+        return _command_reply(body, model, "Started a new session.")
+    turn = engine.start(
         TurnRequest(
-            owner_id=owner_id,
-            conversation_id=NO_CONVERSATION,
-            content=content,
+            owner_id=principal.owner_id,
+            target=Session(session_key),
+            new=ChatMessage("user", content),
             sampling=_sampling(body),
-            model=body.model if body.model and engine.models.knows(body.model) else None,
-            system_prompt=system_prompt,
+            model=body.model,
+            system=system,
             user_id=body.user,
             dialect="openai",
-        ),
-        session_key=session_key,
-        model=body.model,
+        )
     )
+    if body.stream:
+        return await sse.stream(turn, _events(body))
+    return await _complete(turn)
 
 
 @router.get("/v1/models", summary="The configured models and their aliases.")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.responses import StreamingResponse
+
+from ..turns.stream import Turn
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -21,3 +24,26 @@ DONE = "data: [DONE]\n\n"
 def response(body: Any) -> StreamingResponse:
     """A text/event-stream response that proxies must not buffer."""
     return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def stream(
+    turn: Turn,
+    events: Callable[[Turn], AsyncIterator[str]],
+    *,
+    wait_for_output: bool = True,
+) -> StreamingResponse:
+    """Stream `events(turn)` once the turn has output (or, without `wait_for_output`, has
+    started), so errors before that still get their HTTP status; the turn is cancelled when
+    the stream ends, however it ends (a client that goes away included)."""
+    try:
+        await (turn.first_output() if wait_for_output else turn.started())
+    except BaseException:
+        turn.cancel()
+        raise
+
+    async def body() -> AsyncIterator[str]:
+        async with turn:
+            async for item in events(turn):
+                yield item
+
+    return response(body())

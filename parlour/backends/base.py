@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 Role = Literal["system", "user", "assistant"]
@@ -40,23 +40,14 @@ class Chunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-
-
-@dataclass
-class BackendInfo:
-    """What the server reports about a loaded backend."""
-
-    kind: str
-    context_length: int
-    details: dict[str, str] = field(default_factory=dict)
+    #: Prompt tokens the backend did not evaluate because a session's state held them.
+    cached_tokens: int = 0
 
 
 class Backend(ABC):
     """A model runtime. Subclasses say what they can do through class attributes."""
 
     kind: str = "abstract"
-    #: Whether token counts come from the model's real tokenizer.
-    exact_tokens: bool = True
 
     @property
     @abstractmethod

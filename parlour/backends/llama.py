@@ -1,6 +1,6 @@
 """The embedded backend: a GGUF model run in-process by llama.cpp (llama-cpp-python).
 
-Generation runs in parlour.backends.sessions: one context with several sequences,
+Generation runs in parlour.backends.llama_scheduler: one context with several sequences,
 per-session prompt state kept between turns, and concurrent streams advancing together,
 one token each per step. This module loads the model, renders and tokenizes prompts,
 and bridges the scheduler thread to asyncio.
@@ -46,7 +46,14 @@ from typing import Any
 from ..errors import BackendError, ModelNotReady
 from .base import Backend, ChatMessage, Chunk, GenerationParams
 from .convert import converted
-from .sessions import Request, Sampling, SessionScheduler, SessionStats, StateStore, StopScanner
+from .llama_scheduler import (
+    Request,
+    SamplerDefaults,
+    SessionScheduler,
+    SessionStats,
+    StopScanner,
+)
+from .state_store import StateStore
 
 __all__ = ["CHATML", "LlamaBackend", "StopScanner", "default_threads"]
 
@@ -98,7 +105,6 @@ class LlamaBackend(Backend):
     """A GGUF model in-process with per-session prompt state and batched concurrent streams."""
 
     kind = "llama"
-    exact_tokens = True
 
     def __init__(
         self,
@@ -113,7 +119,7 @@ class LlamaBackend(Backend):
         state_dir: Path | None = None,
         ram_budget: int = 256 * 2**20,
         disk_budget: int = 2 * 2**30,
-        sampling: Sampling | None = None,
+        sampling: SamplerDefaults | None = None,
         weights: str | None = None,
         cache_dir: Path | None = None,
         flash_attn: bool = True,
@@ -134,7 +140,7 @@ class LlamaBackend(Backend):
         self.state_dir = state_dir
         self.ram_budget = ram_budget
         self.disk_budget = disk_budget
-        self.sampling = sampling or Sampling()
+        self.sampling = sampling or SamplerDefaults()
         self.batch_streams = batch_streams
         self._model: Any = None
         self._ctx: Any = None

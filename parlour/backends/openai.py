@@ -17,7 +17,13 @@ from typing import Any
 
 import httpx
 
-from ..errors import BackendError, BackendTimeout, BackendUnavailable, InvalidRequest
+from ..errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    InvalidRequest,
+    UpstreamStatusError,
+)
 from .base import Backend, ChatMessage, Chunk, FinishReason, GenerationParams
 
 log = logging.getLogger(__name__)
@@ -29,20 +35,10 @@ BYTES_PER_TOKEN = 3
 MESSAGE_OVERHEAD = 4
 
 
-class UpstreamStatusError(Exception):
-    """An upstream answered with an error status before any token."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 class OpenAIBackend(Backend):
     """Streams chat completions from one or more OpenAI-compatible endpoints, in failover order."""
 
     kind = "openai"
-    exact_tokens = False
 
     def __init__(
         self,

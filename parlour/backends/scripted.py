@@ -31,14 +31,12 @@ class ScriptedBackend(Backend):
     """Replies with enqueued texts, else `Echo N: <last user message>` (N = user turns seen)."""
 
     kind = "scripted"
-    exact_tokens = True
 
     def __init__(self, *, context_length: int = 4096, token_delay: float = 0.0) -> None:
         self._context_length = context_length
         self.token_delay = token_delay
         self.queue: deque[str] = deque()
         self.calls: list[ScriptedCall] = []
-        self.tokens_generated = 0
 
     @property
     def context_length(self) -> int:
@@ -93,7 +91,6 @@ class ScriptedBackend(Backend):
             else:
                 await asyncio.sleep(0)
             count += 1
-            self.tokens_generated += 1
             produced = candidate
             yield Chunk(text=piece)
         yield Chunk(

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from .db import TransactionConnection
 from .direct import Direct, Prepared
-from .tables import Conversation, Message, Owner, utcnow
+from .tables import Bot, Conversation, Message, Owner, utcnow
 
 LOCAL_OWNER = "local"
 
@@ -90,17 +90,6 @@ async def conversation_for_owner(
     )
 
 
-async def conversation_for_session(
-    session: AsyncSession, owner_id: uuid.UUID, session_key: str
-) -> Conversation | None:
-    """The conversation currently bound to an OpenAI-dialect session key."""
-    return await session.scalar(
-        select(Conversation).where(
-            Conversation.owner_id == owner_id, Conversation.session_key == session_key
-        )
-    )
-
-
 async def create_conversation(
     session: AsyncSession,
     *,
@@ -143,42 +132,6 @@ async def list_messages(
     if limit is not None:
         query = query.limit(limit)
     return (await session.scalars(query)).all()
-
-
-async def append_message(
-    session: AsyncSession,
-    conversation: Conversation,
-    *,
-    role: str,
-    content: str,
-    token_count: int,
-    model_tag: str | None = None,
-    inference_time_ms: int | None = None,
-    finish_reason: str | None = None,
-) -> Message:
-    """Add a message at the end of a conversation and touch its `updated_at`."""
-    last = await session.scalar(
-        select(func.max(Message.position)).where(Message.conversation_id == conversation.id)
-    )
-    now = utcnow()
-    message = Message(
-        conversation_id=conversation.id,
-        position=(last if last is not None else -1) + 1,
-        role=role,
-        content=content,
-        token_count=token_count,
-        model_tag=model_tag,
-        inference_time_ms=inference_time_ms,
-        finish_reason=finish_reason,
-        created_at=now,
-    )
-    session.add(message)
-    await session.execute(
-        update(Conversation).where(Conversation.id == conversation.id).values(updated_at=now)
-    )
-    conversation.updated_at = now
-    await session.flush()
-    return message
 
 
 async def conversation_for_turn(
@@ -288,3 +241,8 @@ async def delete_conversation(session: AsyncSession, conversation: Conversation)
     await session.execute(delete(Message).where(Message.conversation_id == conversation.id))
     await session.delete(conversation)
     await session.flush()
+
+
+async def list_bots(session: AsyncSession) -> Sequence[Bot]:
+    """Every bot, by slug."""
+    return (await session.scalars(select(Bot).order_by(Bot.slug))).all()

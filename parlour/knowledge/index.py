@@ -15,9 +15,9 @@ from typing import Literal
 from sqlalchemy import Uuid, bindparam, delete, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from ..errors import Conflict, InvalidRequest, NotFound
+from ..store.tables import Bot, KbChunk, KbDocument, KnowledgeBase, utcnow
 from .documents import SourceDocument, chunk_pages
-from .errors import Conflict, InvalidRequest, NotFound
-from .store.tables import Bot, KbChunk, KbDocument, KnowledgeBase, utcnow
 
 #: The knowledge base L0 retrieval searches when no bot names one.
 DEFAULT_KB = "default"

@@ -13,11 +13,12 @@ from typing import Any, TypeVar
 import click
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from . import bots, knowledge
-from .documents import SourceDocument, open_document
-from .errors import ParlourError
-from .settings import Settings
-from .store.db import Database
+from .. import bots
+from ..errors import ParlourError
+from ..knowledge import index as knowledge
+from ..knowledge.documents import SourceDocument, open_document
+from ..settings import Settings
+from ..store.db import Database
 
 T = TypeVar("T")
 

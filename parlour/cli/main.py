@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 
 import click
 
-from .cli_admin import bot, data_options, kb, run_on_db
-from .settings import Settings
+from ..settings import Settings
+from .admin import bot, data_options, kb, run_on_db
 
 T = TypeVar("T")
 
@@ -76,7 +76,7 @@ def serve(log_level: str, **options: Any) -> None:
     """Start the HTTP server."""
     import uvicorn
 
-    from .app import create_app, freeze_startup_objects
+    from ..app import create_app, freeze_startup_objects
 
     settings = _settings(**options)
     _check_auth(settings)
@@ -112,7 +112,7 @@ def serve(log_level: str, **options: Any) -> None:
 
 def _check_auth(settings: Settings) -> None:
     """Refuse an unusable JWT key, and a non-loopback address with no auth at all."""
-    from .auth import JwtVerifier, active_keys_exist
+    from ..auth import JwtVerifier, active_keys_exist
 
     try:
         verifier = JwtVerifier.from_settings(settings)
@@ -139,7 +139,7 @@ def key() -> None:
 @data_options
 def key_create(owner: str, admin: bool, **options: Any) -> None:
     """Create a key and print it; it is shown only this once."""
-    from .auth import create_key
+    from ..auth import create_key
 
     owner = owner.strip()
     if not owner or len(owner) > 255:
@@ -161,7 +161,7 @@ def _when(value: Any) -> str:
 @data_options
 def key_list(**options: Any) -> None:
     """List every key (never the secrets)."""
-    from .auth import list_keys
+    from ..auth import list_keys
 
     keys = run_on_db(_settings(**options), list_keys)
     if not keys:
@@ -191,8 +191,8 @@ def key_list(**options: Any) -> None:
 @data_options
 def key_revoke(ident: str, **options: Any) -> None:
     """Revoke a key by the id (or prefix) that `parlour key list` shows."""
-    from .auth import revoke_key
-    from .errors import NotFound
+    from ..auth import revoke_key
+    from ..errors import NotFound
 
     try:
         info = run_on_db(_settings(**options), lambda db: revoke_key(db, ident))
@@ -212,7 +212,7 @@ def key_revoke(ident: str, **options: Any) -> None:
 )
 def token(sub: str, ttl: int) -> None:
     """Print a JWT signed with PARLOUR_JWT_SECRET (for development and tests)."""
-    from .auth import mint_token
+    from ..auth import mint_token
 
     settings = Settings.from_env()
     if not settings.jwt_secret:
@@ -255,8 +255,8 @@ def chat(session_key: str | None, bot_ref: str | None, **options: Any) -> None:
 
     /new starts a fresh conversation, /help lists the commands, /exit or Ctrl-D quits.
     """
-    from .terminal import chat as run_chat
-    from .terminal import check_session_key, default_session_key
+    from .chat import chat as run_chat
+    from .chat import check_session_key, default_session_key
 
     key = check_session_key(session_key if session_key is not None else default_session_key())
     try:

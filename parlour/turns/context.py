@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from . import knowledge
-from .backends.base import Backend, ChatMessage
-from .errors import ContextLengthExceeded
-from .knowledge import Hit
+from ..backends.base import Backend, ChatMessage
+from ..errors import ContextLengthExceeded
+from ..knowledge import index as knowledge
+from ..knowledge.index import Hit
 
 #: Tokens a chat template adds around each message (role markers, separators); an
 #: estimate used to pick a cut point, checked afterwards against the exact render. SmolLM2's
@@ -24,6 +24,11 @@ class HistoryItem:
 
     message: ChatMessage
     token_count: int
+
+    @classmethod
+    def of(cls, role: str, content: str, token_count: int) -> HistoryItem:
+        """A stored (role, content, token count) row."""
+        return cls(ChatMessage(role, content), token_count)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

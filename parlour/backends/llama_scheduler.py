@@ -1,4 +1,4 @@
-"""Per-session prompt state for the embedded model, and fair scheduling of concurrent streams.
+"""The embedded model's scheduler: per-session prompt state and fair turns for concurrent streams.
 
 One llama.cpp context holds several sequences ("slots") in a unified KV cache. Each
 conversation keeps its evaluated tokens between turns, so a follow-up prefills only
@@ -18,20 +18,15 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import struct
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .base import Chunk, FinishReason, GenerationParams
+from .state_store import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -99,102 +94,6 @@ class SessionStats:
     max_streams_in_batch: int = 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class StateStore:
-    """Saved sequence states of idle sessions: newest in RAM, older on disk, both bounded."""
-
-    def __init__(self, *, ram_bytes: int, disk_bytes: int, directory: Path | None) -> None:
-        self.ram_bytes = ram_bytes
-        self.disk_bytes = disk_bytes if directory is not None else 0
-        self.directory = directory
-        self._ram: OrderedDict[str, tuple[list[int], bytes | bytearray]] = OrderedDict()
-        self._disk: OrderedDict[str, tuple[Path, int]] = OrderedDict()
-        self.ram_used = 0
-        self.disk_used = 0
-        self.dropped = 0
-        if directory is not None:
-            # Saved states belong to this process's context: each process keeps its own
-            # folder, and folders of processes that are gone are removed.
-            for other in directory.glob("*") if directory.is_dir() else []:
-                if other.name.isdigit() and not _alive(int(other.name)):
-                    shutil.rmtree(other, ignore_errors=True)
-            self.directory = directory / str(os.getpid())
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory.mkdir(parents=True, exist_ok=True)
-
-    def __contains__(self, session: str) -> bool:
-        return session in self._ram or session in self._disk
-
-    def put(self, session: str, tokens: list[int], data: bytes | bytearray) -> None:
-        """Keep a session's state, pushing the oldest ones to disk and then out."""
-        self.discard(session)
-        self._ram[session] = (tokens, data)
-        self.ram_used += len(data)
-        while self.ram_used > self.ram_bytes and self._ram:
-            old, (old_tokens, old_data) = self._ram.popitem(last=False)
-            self.ram_used -= len(old_data)
-            self._to_disk(old, old_tokens, old_data)
-
-    def take(self, session: str) -> tuple[list[int], bytes | bytearray, str] | None:
-        """Remove and return a session's state with where it was ("ram" or "disk")."""
-        if session in self._ram:
-            tokens, data = self._ram.pop(session)
-            self.ram_used -= len(data)
-            return tokens, data, "ram"
-        if session in self._disk:
-            path, size = self._disk.pop(session)
-            self.disk_used -= size
-            try:
-                raw = path.read_bytes()
-            except OSError:
-                return None
-            finally:
-                path.unlink(missing_ok=True)
-            (count,) = struct.unpack_from("<Q", raw)
-            tokens = list(struct.unpack_from(f"<{count}i", raw, 8))
-            return tokens, raw[8 + 4 * count :], "disk"
-        return None
-
-    def discard(self, session: str) -> None:
-        """Forget a session's saved state, wherever it is."""
-        if session in self._ram:
-            self.ram_used -= len(self._ram.pop(session)[1])
-        if session in self._disk:
-            path, size = self._disk.pop(session)
-            self.disk_used -= size
-            path.unlink(missing_ok=True)
-
-    def _to_disk(self, session: str, tokens: list[int], data: bytes | bytearray) -> None:
-        size = 8 + 4 * len(tokens) + len(data)
-        if self.directory is None or size > self.disk_bytes:
-            self.dropped += 1
-            return
-        while self.disk_used + size > self.disk_bytes and self._disk:
-            _, (path, old_size) = self._disk.popitem(last=False)
-            self.disk_used -= old_size
-            path.unlink(missing_ok=True)
-            self.dropped += 1
-        name = hashlib.sha256(session.encode()).hexdigest()[:40]
-        path = self.directory / f"{name}.state"
-        temp = path.with_suffix(".state.tmp")
-        with temp.open("wb") as out:
-            out.write(struct.pack("<Q", len(tokens)))
-            out.write(struct.pack(f"<{len(tokens)}i", *tokens))
-            out.write(data)
-        os.replace(temp, path)
-        self._disk[session] = (path, size)
-        self.disk_used += size
-
-
 @dataclass
 class Slot:
     """One sequence of the shared context and whose tokens it holds."""
@@ -227,6 +126,8 @@ class Request:
         self.pending: list[int] = []
         self.last_token: int | None = None
         self.produced = 0
+        #: Prompt tokens taken from the session's state instead of evaluated.
+        self.reused = 0
         self.sampler: Any = None
         self.slot: Slot | None = None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -234,8 +135,8 @@ class Request:
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """Defaults for parameters a request leaves open."""
+class SamplerDefaults:
+    """The backend's values for sampling parameters a request leaves open."""
 
     temperature: float = 0.2
     top_p: float = 0.9
@@ -258,7 +159,7 @@ class SessionScheduler:
         kv_cells: int,
         n_ctx_seq: int,
         store: StateStore,
-        sampling: Sampling,
+        sampling: SamplerDefaults,
         batch_streams: bool = False,
     ) -> None:
         import llama_cpp
@@ -388,6 +289,7 @@ class SessionScheduler:
         self.lib.llama_memory_seq_rm(self._memory, slot.seq, reuse, -1)
         del slot.tokens[reuse:]
         request.pending = request.prompt[reuse:]
+        request.reused = reuse
         request.slot = slot
         request.sampler = self._sampler(request.params)
         slot.request = request
@@ -587,5 +489,6 @@ class SessionScheduler:
                 finish_reason=reason,
                 prompt_tokens=len(request.prompt),
                 completion_tokens=request.produced,
+                cached_tokens=request.reused,
             )
         )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 TOKENS_PER_WORD = 1.3
 #: Target chunk size and the overlap between neighbouring chunks, in approximate tokens.

@@ -18,14 +18,19 @@ from dataclasses import dataclass
 
 import click
 
-from .api.openai import HELP_TEXT
-from .engine import Engine, TurnRequest, TurnStream
-from .errors import ParlourError
-from .models import ModelRegistry, build_registry
-from .settings import Settings
-from .store import queries
-from .store.db import Database
-from .store.tables import Bot
+from ..api.openai import HELP_TEXT
+from ..backends.base import ChatMessage
+from ..backends.registry import build_registry
+from ..errors import BotNotFound, ParlourError
+from ..models import ModelRegistry
+from ..settings import Settings
+from ..store import queries
+from ..store.db import Database
+from ..store.tables import Bot
+from ..turns.engine import Engine
+from ..turns.plan import load_bot
+from ..turns.request import BotRef, Session, TurnRequest
+from ..turns.stream import Turn
 
 HELP = HELP_TEXT + "\n/exit - quit (Ctrl-D does too)"
 SESSION_KEY_LENGTH = 256
@@ -91,7 +96,7 @@ class TerminalChat:
     #: The model named with --model/PARLOUR_MODEL; None lets the conversation keep its own.
     model: str | None
     interactive: bool
-    _turn: TurnStream | None = None
+    _turn: Turn | None = None
 
     async def run(self) -> None:
         """Answer lines until /exit or the end of input."""
@@ -122,31 +127,24 @@ class TerminalChat:
         """Run one turn, printing the reply as it is generated; errors are reported and
         the loop goes on."""
         printed = False
+        request = TurnRequest(
+            owner_id=self.owner_id,
+            target=Session(self.session_key),
+            new=ChatMessage("user", content),
+            model=self.model,
+            bot=BotRef(str(self.bot.uid), by="uid") if self.bot is not None else None,
+            dialect="cli",
+        )
         try:
-            conversation = await self.engine.session_conversation(
-                owner_id=self.owner_id,
-                session_key=self.session_key,
-                model=self.model,
-                bot_id=self.bot.uid if self.bot is not None else None,
-                content=content,
-            )
-            self._turn = turn = self.engine.turn(
-                TurnRequest(
-                    owner_id=self.owner_id,
-                    conversation_id=conversation.id,
-                    content=content,
-                    model=self.model,
-                    dialect="cli",
-                )
-            )
-            try:
-                async for delta in turn:
-                    click.echo(delta, nl=False)
-                    printed = True
-                result = await turn.result()
-            finally:
-                self._turn = None
-                turn.cancel()
+            async with self.engine.start(request) as turn:
+                self._turn = turn
+                try:
+                    async for delta in turn:
+                        click.echo(delta, nl=False)
+                        printed = True
+                    result = await turn.result()
+                finally:
+                    self._turn = None
         except ParlourError as exc:
             if printed:
                 self._say("")
@@ -161,8 +159,11 @@ class TerminalChat:
     async def _welcome(self) -> None:
         if self.bot is None or not self.bot.welcome_message.strip():
             return
+        async with self.engine.db.begin_read() as conn:
+            found = await queries.conversation_for_session_key(
+                conn, self.owner_id, self.session_key
+            )
         async with self.engine.db.read() as session, session.begin():
-            found = await queries.conversation_for_session(session, self.owner_id, self.session_key)
             started = found is not None and bool(await queries.list_messages(session, found.id))
         if not started:
             self._say(self.bot.welcome_message)
@@ -197,10 +198,10 @@ class TerminalChat:
 
 
 async def _find_bot(db: Database, ref: str) -> Bot:
-    from . import bots
-
-    async with db.read() as session, session.begin():
-        found = await bots.find_bot(session, ref)
+    try:
+        found = await load_bot(db, BotRef(ref))
+    except BotNotFound:
+        found = None
     if found is None:
         raise click.ClickException(
             f"No bot {ref!r}. `parlour bot list` shows the bots; `parlour bot add` creates one."

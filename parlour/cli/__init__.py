@@ -1,0 +1,1 @@
+"""The `parlour` command: serve and keys (main), bots and knowledge bases (admin), chat."""

@@ -1,0 +1,1 @@
+"""Knowledge bases: documents read and chunked (documents), indexed and searched (index)."""
