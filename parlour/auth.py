@@ -37,9 +37,6 @@ OWNER_CACHE_SIZE = 10_000
 #: authentication on or off within this time; in this process, at once.
 KEYS_RECHECK_S = 1.0
 
-#: Bumped whenever this process creates or revokes a key, so remembered answers are dropped.
-_key_changes = 0
-
 HOW_TO_AUTHENTICATE = (
     "Send `Authorization: Bearer <token>` with an API key (`parlour key create --owner NAME`) "
     "or a JWT (`parlour token --sub NAME` mints one for development)."
@@ -124,13 +121,8 @@ async def create_key(db: Database, *, owner: str, admin: bool = False) -> NewKey
         session.add(key)
         await session.flush()
         new = NewKey(info=_info(key, row.name), secret=secret)
-    _keys_changed()
+    db.key_changes += 1
     return new
-
-
-def _keys_changed() -> None:
-    global _key_changes
-    _key_changes += 1
 
 
 async def list_keys(db: Database) -> list[KeyInfo]:
@@ -163,7 +155,7 @@ async def revoke_key(db: Database, ident: str) -> KeyInfo:
         if key.revoked_at is None:
             key.revoked_at = utcnow()
         info = _info(key, owner)
-    _keys_changed()
+    db.key_changes += 1
     return info
 
 
@@ -364,7 +356,7 @@ class Authenticator:
         self.jwt = jwt_verifier
         self.open_without_auth = open_without_auth
         self._owners: dict[str, uuid.UUID] = {}
-        #: (when asked, _key_changes then, the answer) of the last active_keys_exist().
+        #: (when asked, db.key_changes then, the answer) of the last active_keys_exist().
         self._keys_exist: tuple[float, int, bool] | None = None
 
     @classmethod
@@ -383,8 +375,8 @@ class Authenticator:
             return True
         now = time.monotonic()
         known = self._keys_exist
-        if fresh or known is None or now - known[0] > KEYS_RECHECK_S or known[1] != _key_changes:
-            changes = _key_changes
+        changes = self.db.key_changes
+        if fresh or known is None or now - known[0] > KEYS_RECHECK_S or known[1] != changes:
             known = (now, changes, await active_keys_exist(self.db))
             self._keys_exist = known
         return known[2]

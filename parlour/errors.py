@@ -6,24 +6,31 @@ from typing import Any
 
 
 class ParlourError(Exception):
-    """Base of every error the core raises on purpose."""
+    """Base of every error the core raises on purpose; subclasses set their HTTP status,
+    code and OpenAI error type as class keywords."""
 
-    status = 500
-    code = "internal_error"
-    type = "server_error"
+    status: int = 500
+    code: str = "internal_error"
+    type: str = "server_error"
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
 
+    def __init_subclass__(
+        cls, *, status: int | None = None, code: str | None = None, type: str | None = None
+    ) -> None:
+        super().__init_subclass__()
+        cls.status = status if status is not None else cls.status
+        cls.code = code if code is not None else cls.code
+        cls.type = type if type is not None else cls.type
 
-class InvalidRequest(ParlourError):
+
+class InvalidRequest(
+    ParlourError, status=400, code="invalid_request", type="invalid_request_error"
+):
     """The request is malformed or a parameter is out of range."""
-
-    status = 400
-    code = "invalid_request"
-    type = "invalid_request_error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message, param=param)
@@ -31,88 +38,50 @@ class InvalidRequest(ParlourError):
             self.code = code
 
 
-class ContextLengthExceeded(InvalidRequest):
+class ContextLengthExceeded(InvalidRequest, code="context_length_exceeded"):
     """The new message alone does not fit in the model's context window."""
 
-    code = "context_length_exceeded"
 
-
-class Unauthorized(ParlourError):
+class Unauthorized(ParlourError, status=401, code="invalid_api_key", type="authentication_error"):
     """No valid credentials were presented."""
 
-    status = 401
-    code = "invalid_api_key"
-    type = "authentication_error"
 
-
-class NotFound(ParlourError):
+class NotFound(ParlourError, status=404, code="not_found", type="invalid_request_error"):
     """The thing asked for does not exist or belongs to someone else."""
 
-    status = 404
-    code = "not_found"
-    type = "invalid_request_error"
 
-
-class ModelNotFound(NotFound):
+class ModelNotFound(NotFound, code="model_not_found"):
     """A request named a model that is not configured (strict mode only)."""
 
-    code = "model_not_found"
 
-
-class PayloadTooLarge(ParlourError):
+class PayloadTooLarge(
+    ParlourError, status=413, code="request_too_large", type="invalid_request_error"
+):
     """The request body is larger than the configured limit."""
 
-    status = 413
-    code = "request_too_large"
-    type = "invalid_request_error"
 
-
-class ModelNotReady(ParlourError):
+class ModelNotReady(ParlourError, status=503, code="model_not_ready", type="server_error"):
     """The model is still loading or failed to load."""
 
-    status = 503
-    code = "model_not_ready"
-    type = "server_error"
 
-
-class BackendUnavailable(ParlourError):
+class BackendUnavailable(ParlourError, status=503, code="backend_unavailable", type="server_error"):
     """The inference backend cannot be reached."""
 
-    status = 503
-    code = "backend_unavailable"
-    type = "server_error"
 
-
-class BackendTimeout(ParlourError):
+class BackendTimeout(ParlourError, status=504, code="backend_timeout", type="server_error"):
     """The inference backend did not answer in time."""
 
-    status = 504
-    code = "backend_timeout"
-    type = "server_error"
 
-
-class BackendError(ParlourError):
+class BackendError(ParlourError, status=500, code="backend_error", type="server_error"):
     """Generation failed inside the backend."""
 
-    status = 500
-    code = "backend_error"
-    type = "server_error"
 
-
-class Forbidden(ParlourError):
+class Forbidden(ParlourError, status=403, code="forbidden", type="permission_error"):
     """The credentials are valid but do not allow this."""
 
-    status = 403
-    code = "forbidden"
-    type = "permission_error"
 
-
-class Conflict(ParlourError):
+class Conflict(ParlourError, status=409, code="conflict", type="invalid_request_error"):
     """The request would duplicate something that must be unique."""
-
-    status = 409
-    code = "conflict"
-    type = "invalid_request_error"
 
 
 class BotNotFound(NotFound):
@@ -123,18 +92,12 @@ class BotNotFound(NotFound):
         self.ref = ref
 
 
-class SessionMoved(ParlourError):
+class SessionMoved(ParlourError, status=409, code="session_moved"):
     """The session key no longer names the conversation a turn was started on."""
 
-    status = 409
-    code = "session_moved"
 
-
-class TurnCancelled(ParlourError):
+class TurnCancelled(ParlourError, status=499, code="cancelled"):
     """The client went away before generation started; nothing was written."""
-
-    status = 499
-    code = "cancelled"
 
 
 class UpstreamStatusError(ParlourError):
@@ -149,11 +112,8 @@ class BodyUnreadable(InvalidRequest):
     """The body is not text at all (FastAPI answers 400 for this, not 422)."""
 
 
-class BodyInvalid(ParlourError):
+class BodyInvalid(ParlourError, status=422, code="invalid_body"):
     """The body failed validation; `errors` is the `detail` list of a 422 response."""
-
-    status = 422
-    code = "invalid_body"
 
     def __init__(self, errors: list[dict[str, Any]]) -> None:
         super().__init__(f"{len(errors)} validation error(s)")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +50,11 @@ class Settings:
     def to_env(self) -> dict[str, str]:
         """PARLOUR_* variables that rebuild these settings in another process."""
         env: dict[str, str] = {}
-        for name, (var, _parse) in ENV_VARS.items():
+        for name, option in OPTIONS.items():
             value = getattr(self, name)
             if value is None:
                 continue
-            env[var] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+            env[option.env] = ("1" if value else "0") if isinstance(value, bool) else str(value)
         return env
 
     @property
@@ -67,20 +67,15 @@ class Settings:
         """True when the server only listens on the local machine."""
         return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
 
-    @property
-    def auth_configured(self) -> bool:
-        """True when a JWT key is set; API keys also configure auth, but live in the database."""
-        return bool(self.jwt_secret or self.jwt_public_key)
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from PARLOUR_* variables, with explicit overrides winning."""
         source = os.environ if env is None else env
         values: dict[str, Any] = {}
-        for name, (var, parse) in ENV_VARS.items():
-            raw = source.get(var)
+        for name, option in OPTIONS.items():
+            raw = source.get(option.env)
             if raw is not None and raw != "":
-                values[name] = parse(raw)
+                values[name] = option.parse(raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -89,21 +84,67 @@ def _bool(raw: str) -> bool:
     return raw.strip().lower() in {"1", "true", "yes", "on"}
 
 
-ENV_VARS: dict[str, tuple[str, Any]] = {
-    "host": ("PARLOUR_HOST", str),
-    "port": ("PARLOUR_PORT", int),
-    "data_dir": ("PARLOUR_DATA_DIR", Path),
-    "database_url": ("PARLOUR_DATABASE_URL", str),
-    "model": ("PARLOUR_MODEL", str),
-    "config": ("PARLOUR_CONFIG", Path),
-    "insecure": ("PARLOUR_INSECURE", _bool),
-    "workers": ("PARLOUR_WORKERS", int),
-    "max_body_bytes": ("PARLOUR_MAX_BODY_BYTES", int),
-    "heartbeat_seconds": ("PARLOUR_HEARTBEAT_SECONDS", float),
-    "strict_models": ("PARLOUR_STRICT_MODELS", _bool),
-    "llama_threads": ("PARLOUR_LLAMA_THREADS", int),
-    "jwt_secret": ("PARLOUR_JWT_SECRET", str),
-    "jwt_public_key": ("PARLOUR_JWT_PUBLIC_KEY", Path),
-    "jwt_issuer": ("PARLOUR_JWT_ISSUER", str),
-    "jwt_audience": ("PARLOUR_JWT_AUDIENCE", str),
+@dataclass(frozen=True)
+class Option:
+    """One setting: its environment variable, how its text is read, and what it means."""
+
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+    #: What help text shows as the default when the value itself would not say it well.
+    default_text: str | None = None
+
+    def describe(self, name: str) -> str:
+        """Help text: the meaning, then the variable and the default in brackets."""
+        default = self.default_text
+        if default is None:
+            value = Settings.__dataclass_fields__[name].default
+            default = None if value in (None, False, MISSING) else str(value)
+        return f"{self.help} [{self.env}" + (f"; {default}]" if default else "]")
+
+
+#: Every setting read from the environment; CLI flags and their help are built from it.
+OPTIONS: dict[str, Option] = {
+    "host": Option("PARLOUR_HOST", str, "Address to listen on."),
+    "port": Option("PARLOUR_PORT", int, "Port."),
+    "data_dir": Option(
+        "PARLOUR_DATA_DIR", Path, "Where the database and state live.", "~/.local/share/parlour"
+    ),
+    "database_url": Option(
+        "PARLOUR_DATABASE_URL",
+        str,
+        "sqlite+aiosqlite:///… or postgresql+asyncpg://…",
+        "SQLite in the data directory",
+    ),
+    "model": Option(
+        "PARLOUR_MODEL",
+        str,
+        "Default model: a configured name, a .gguf path, or `scripted`.",
+        "the embedded SmolLM2-135M-Instruct",
+    ),
+    "config": Option("PARLOUR_CONFIG", Path, "TOML file declaring models."),
+    "insecure": Option(
+        "PARLOUR_INSECURE",
+        _bool,
+        "Allow listening on a non-loopback address without authentication.",
+    ),
+    "workers": Option(
+        "PARLOUR_WORKERS", int, "Server processes sharing the port; more than 1 needs PostgreSQL."
+    ),
+    "max_body_bytes": Option("PARLOUR_MAX_BODY_BYTES", int, "Largest request body accepted."),
+    "heartbeat_seconds": Option(
+        "PARLOUR_HEARTBEAT_SECONDS", float, "Seconds between heartbeats of idle kernel2 streams."
+    ),
+    "strict_models": Option(
+        "PARLOUR_STRICT_MODELS", _bool, "Answer 404 for unknown model names instead of the default."
+    ),
+    "llama_threads": Option(
+        "PARLOUR_LLAMA_THREADS", int, "Threads of the embedded model.", "half the cores"
+    ),
+    "jwt_secret": Option("PARLOUR_JWT_SECRET", str, "HS256 secret that verifies JWTs."),
+    "jwt_public_key": Option(
+        "PARLOUR_JWT_PUBLIC_KEY", Path, "PEM public key that verifies RS256/ES256 JWTs."
+    ),
+    "jwt_issuer": Option("PARLOUR_JWT_ISSUER", str, "Required `iss` of JWTs."),
+    "jwt_audience": Option("PARLOUR_JWT_AUDIENCE", str, "Required `aud` of JWTs."),
 }

@@ -15,34 +15,6 @@ from .store.db import TransactionConnection
 from .store.direct import Prepared
 from .store.tables import Bot, Usage, utcnow
 
-
-async def record(
-    session: AsyncSession,
-    *,
-    owner_id: uuid.UUID,
-    model: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    bot_id: uuid.UUID | None = None,
-    user_id: str | None = None,
-    dialect: str | None = None,
-) -> None:
-    """Add one generation's tokens."""
-    session.add(
-        Usage(
-            owner_id=owner_id,
-            bot_id=bot_id,
-            model=model,
-            user_id=user_id[:255] if user_id is not None else None,
-            dialect=dialect,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            created_at=utcnow(),
-        )
-    )
-    await session.flush()
-
-
 _USAGE = cast(Table, Usage.__table__)
 _INSERT_USAGE = Prepared(insert(_USAGE), columns=[c.key for c in _USAGE.c])
 

@@ -19,17 +19,23 @@ class ChatMessage:
     content: str
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    """Sampling settings for one reply; None means the backend's default."""
+@dataclass(frozen=True, kw_only=True)
+class SamplingOptions:
+    """Sampling settings a request and a backend call share; None means the default."""
 
-    max_tokens: int
     temperature: float | None = None
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationParams(SamplingOptions):
+    """What a backend receives for one reply: the sampling settings and its length limit."""
+
+    max_tokens: int
 
 
 @dataclass

@@ -17,25 +17,30 @@ from .. import bots
 from ..errors import ParlourError
 from ..knowledge import index as knowledge
 from ..knowledge.documents import SourceDocument, open_document
-from ..settings import Settings
+from ..settings import OPTIONS, Settings
 from ..store.db import Database
 
 T = TypeVar("T")
 
 
+def setting(name: str, **extra: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A --flag for a setting, with the help text and variable of the settings table."""
+    option = OPTIONS[name]
+    kwargs: dict[str, Any] = {"default": None, "help": option.describe(name)}
+    if option.parse is Path:
+        kwargs["type"] = click.Path(
+            path_type=Path, dir_okay=name != "config", file_okay=name != "data_dir"
+        )
+    elif option.parse in (int, float):
+        kwargs["type"] = option.parse
+    elif option.parse is not str:
+        kwargs["is_flag"] = True
+    return click.option("--" + name.replace("_", "-"), **{**kwargs, **extra})
+
+
 def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--data-dir and --database-url, read like `serve` reads them."""
-    command = click.option(
-        "--database-url",
-        default=None,
-        help="The database `serve` uses [PARLOUR_DATABASE_URL; SQLite in the data directory].",
-    )(command)
-    return click.option(
-        "--data-dir",
-        type=click.Path(path_type=Path, file_okay=False),
-        default=None,
-        help="The data directory `serve` uses [PARLOUR_DATA_DIR; ~/.local/share/parlour].",
-    )(command)
+    return setting("data_dir")(setting("database_url")(command))
 
 
 def run_on_db(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:

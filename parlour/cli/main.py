@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from ..settings import Settings
-from .admin import bot, data_options, kb, run_on_db
+from .admin import bot, data_options, kb, run_on_db, setting
 
 T = TypeVar("T")
 
@@ -29,48 +29,18 @@ def main() -> None:
 
 def _model_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The --model and --config options, shared by `serve` and `chat`."""
-    command = click.option(
-        "--config",
-        type=click.Path(path_type=Path, dir_okay=False, exists=True),
-        default=None,
-        help="TOML file declaring models [PARLOUR_CONFIG].",
-    )(command)
-    return click.option(
-        "--model",
-        default=None,
-        help="Default model: a configured name, a .gguf path, or `scripted` [PARLOUR_MODEL; "
-        "the embedded SmolLM2-135M-Instruct].",
-    )(command)
+    return setting("model")(
+        setting("config", type=click.Path(path_type=Path, dir_okay=False, exists=True))(command)
+    )
 
 
 @main.command()
-@click.option("--host", default=None, help="Address to listen on [PARLOUR_HOST; 127.0.0.1].")
-@click.option("--port", type=int, default=None, help="Port [PARLOUR_PORT; 8900].")
-@click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="Where the database and state live [PARLOUR_DATA_DIR; ~/.local/share/parlour].",
-)
-@click.option(
-    "--database-url",
-    default=None,
-    help="sqlite+aiosqlite:///… or postgresql+asyncpg://… [PARLOUR_DATABASE_URL; SQLite in "
-    "the data directory].",
-)
+@setting("host")
+@setting("port")
+@data_options
 @_model_options
-@click.option(
-    "--insecure",
-    is_flag=True,
-    default=None,
-    help="Allow listening on a non-loopback address without authentication [PARLOUR_INSECURE].",
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Server processes sharing the port; more than 1 needs PostgreSQL [PARLOUR_WORKERS; 1].",
-)
+@setting("insecure")
+@setting("workers", type=click.IntRange(min=1))
 @click.option("--log-level", default="info", show_default=True, help="Logging level.")
 def serve(log_level: str, **options: Any) -> None:
     """Start the HTTP server."""

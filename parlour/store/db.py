@@ -93,6 +93,9 @@ class Database:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.read_engine = self.engine.execution_options(**{READONLY: True})
         self.read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False)
+        #: Bumped when this process creates or revokes an API key, so that remembered
+        #: answers about keys are dropped at once.
+        self.key_changes = 0
 
     def session(self) -> AsyncSession:
         """A new session; use as `async with db.session() as s, s.begin(): ...`."""

@@ -5,27 +5,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from ..models import ModelRegistry
 from ..store import queries
-from ..store.db import Database
 from ..store.tables import Conversation
-from .history import HistoryCache
-from .locks import turn_locks
+from .core import Core
 from .request import BotRef, TurnRequest
-from .sessions import Sessions
 from .stream import Turn
 
 
-class Engine:
-    """The shared core: one turn pipeline over the store and the models."""
-
-    def __init__(self, *, db: Database, models: ModelRegistry) -> None:
-        self.db = db
-        self.models = models
-        self.locks = turn_locks(db.url, is_sqlite=db.is_sqlite)
-        self.running: set[Turn] = set()
-        self.history = HistoryCache()
-        self.sessions = Sessions(self)
+class Engine(Core):
+    """The shared core every dialect calls: one turn pipeline over the store and the models."""
 
     def start(self, request: TurnRequest) -> Turn:
         """Start a turn in the background and return its handle (an async context manager

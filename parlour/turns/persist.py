@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import usage
 from ..errors import NotFound, SessionMoved
@@ -12,14 +12,10 @@ from ..store import queries
 from ..store.db import Database, TransactionConnection
 from ..store.tables import Conversation, Message, utcnow
 from .context import HistoryItem
+from .core import Core
 from .plan import Plan, load_bot, retrieve, settle
-from .request import Session, TurnRequest, TurnResult
+from .request import DEFAULT_TITLE, Generated, Session, TurnRequest, TurnResult
 
-if TYPE_CHECKING:
-    from .engine import Engine
-    from .stream import Generated
-
-DEFAULT_TITLE = "New conversation"
 TITLE_LENGTH = 80
 
 
@@ -49,14 +45,13 @@ def _changes(request: TurnRequest, conversation: Conversation) -> dict[str, str]
     return changes
 
 
-async def open_turn(engine: Engine, request: TurnRequest, conversation_id: Any) -> Opened:
+async def open_turn(engine: Core, request: TurnRequest, conversation_id: Any) -> Opened:
     """Check the conversation, settle the plan and store the user message (under the lock)."""
     # Core statements on one connection per transaction: this runs for every message.
     async with engine.db.begin() as conn:
         found = await queries.conversation_for_turn(conn, request.owner_id, conversation_id)
         target = request.target
         if isinstance(target, Session) and (found is None or found[0].session_key != target.key):
-            engine.sessions.forget(request.owner_id, target.key)
             raise SessionMoved("The session moved to another conversation; try again.")
         if found is None:
             raise NotFound("Conversation not found")
@@ -101,7 +96,7 @@ async def open_turn(engine: Engine, request: TurnRequest, conversation_id: Any) 
 
 
 async def close_turn(
-    engine: Engine, request: TurnRequest, opened: Opened, generated: Generated
+    engine: Core, request: TurnRequest, opened: Opened, generated: Generated
 ) -> TurnResult:
     """Store the reply (whatever the ending) and the usage figures."""
     conversation, plan = opened.conversation, opened.plan

@@ -4,37 +4,27 @@ with its new input, sampling, model, bot, end user and dialect; and how it ended
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
-from ..backends.base import ChatMessage, FinishReason, GenerationParams
+from ..backends.base import ChatMessage, FinishReason, GenerationParams, SamplingOptions
 from ..knowledge.index import Hit
 from ..store.tables import Conversation, Message
 
+#: The title of a conversation until its first message names it.
+DEFAULT_TITLE = "New conversation"
 
-@dataclass(frozen=True)
-class Sampling:
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling(SamplingOptions):
     """What a request asked for; None leaves the choice to the bot or the model's defaults."""
 
     max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
 
     def params(self, max_tokens: int) -> GenerationParams:
         """What the backend receives, with the reply length settled."""
-        return GenerationParams(
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            stop=self.stop,
-            seed=self.seed,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-        )
+        shared = {f.name: getattr(self, f.name) for f in fields(SamplingOptions)}
+        return GenerationParams(max_tokens=max_tokens, **shared)
 
 
 @dataclass(frozen=True)
@@ -95,6 +85,18 @@ class TurnRequest:
     #: Recorded with the usage figures.
     user_id: str | None = None
     dialect: str | None = None
+
+
+@dataclass(frozen=True)
+class Generated:
+    """What the backend produced and how it ended."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    elapsed_ms: int
 
 
 @dataclass(frozen=True)

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING
 
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import InvalidRequest
+from ..models import ModelRegistry
 from ..store import queries
+from ..store.db import Database
 from ..store.tables import Conversation
-from .persist import DEFAULT_TITLE
 from .plan import load_bot, settle
-from .request import BotRef, Session, TurnRequest
-
-if TYPE_CHECKING:
-    from .engine import Engine
+from .request import DEFAULT_TITLE, BotRef, Session, TurnRequest
 
 #: Session keys whose conversation this process remembers (forgotten all at once when full).
 SESSION_CACHE_SIZE = 100_000
@@ -30,8 +27,9 @@ class Sessions:
     and never puts a message in the wrong conversation.
     """
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, *, db: Database, models: ModelRegistry) -> None:
+        self._db = db
+        self._models = models
         self._known: dict[tuple[uuid.UUID, str], uuid.UUID] = {}
 
     async def conversation_id(self, request: TurnRequest, *, fresh: bool) -> uuid.UUID:
@@ -60,14 +58,13 @@ class Sessions:
     ) -> Conversation:
         """The conversation bound to a session key, bound to `bot` when given; a new one is
         created only once `first` (the turn that opens it) is known to fit."""
-        engine = self._engine
-        chosen = await load_bot(engine.db, bot)
+        chosen = await load_bot(self._db, bot)
         for _ in range(3):
-            async with engine.db.begin_read() as conn:
+            async with self._db.begin_read() as conn:
                 found = await queries.conversation_for_session_key(conn, owner_id, session_key)
             if found is not None:
                 if chosen is not None and found.bot_id != chosen.uid:
-                    async with engine.db.session() as session, session.begin():
+                    async with self._db.session() as session, session.begin():
                         await session.execute(
                             update(Conversation)
                             .where(Conversation.id == found.id)
@@ -75,10 +72,10 @@ class Sessions:
                         )
                     found.bot_id = chosen.uid
                 return found
-            plan = settle(engine.models, first, bot=chosen) if first is not None else None
-            model = plan.model if plan is not None else engine.models.get(None)
+            plan = settle(self._models, first, bot=chosen) if first is not None else None
+            model = plan.model if plan is not None else self._models.get(None)
             try:
-                async with engine.db.session() as session, session.begin():
+                async with self._db.session() as session, session.begin():
                     return await queries.create_conversation(
                         session,
                         owner_id=owner_id,
@@ -98,7 +95,7 @@ class Sessions:
     async def reset(self, owner_id: uuid.UUID, session_key: str) -> None:
         """Unbind a session key so the next message starts a fresh conversation."""
         self.forget(owner_id, session_key)
-        async with self._engine.db.session() as session, session.begin():
+        async with self._db.session() as session, session.begin():
             await session.execute(
                 update(Conversation)
                 .where(Conversation.owner_id == owner_id, Conversation.session_key == session_key)

@@ -13,19 +13,15 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from ..backends.base import Backend, ChatMessage, FinishReason, GenerationParams
 from ..errors import BackendError, InvalidRequest, ParlourError, SessionMoved, TurnCancelled
 from . import persist
 from .context import HistoryItem, fit_with_knowledge
+from .core import Core
 from .plan import load_bot, retrieve, settle
-from .request import Messages, Stored, TurnRequest, TurnResult
-
-if TYPE_CHECKING:
-    from .engine import Engine
+from .request import Generated, Messages, Session, Stored, TurnRequest, TurnResult
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +29,10 @@ log = logging.getLogger(__name__)
 SESSION_ATTEMPTS = 3
 
 
-@dataclass(frozen=True)
-class Generated:
-    """What the backend produced and how it ended."""
-
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    elapsed_ms: int
-
-
 class Turn:
     """A running turn: iterate it for text deltas, then await result(); cancel() stops it."""
 
-    def __init__(self, engine: Engine, request: TurnRequest) -> None:
+    def __init__(self, engine: Core, request: TurnRequest) -> None:
         self.engine = engine
         self.request = request
         self._deltas: asyncio.Queue[str | None] = asyncio.Queue()
@@ -198,7 +182,8 @@ class Turn:
                     await self._locked_turn(conversation_id)
                 return
             except SessionMoved:
-                continue
+                assert isinstance(target, Session)
+                engine.sessions.forget(request.owner_id, target.key)
         raise InvalidRequest("Could not open the session; try again.")  # pragma: no cover
 
     async def _locked_turn(self, conversation_id: object) -> None:

@@ -1,0 +1,33 @@
+"""What every turn shares: the store, the models, turn locks, the history cache and sessions."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..models import ModelRegistry
+from ..store.db import Database
+from .history import HistoryCache
+from .locks import turn_locks
+from .sessions import Sessions
+
+
+class Running(Protocol):
+    """A turn in progress, as shutdown sees it."""
+
+    def cancel(self) -> None:
+        """Stop it; a partial reply is kept."""
+
+    async def wait(self) -> None:
+        """Wait for it to end."""
+
+
+class Core:
+    """The shared state of the turn pipeline, owned by the engine."""
+
+    def __init__(self, *, db: Database, models: ModelRegistry) -> None:
+        self.db = db
+        self.models = models
+        self.locks = turn_locks(db.url, is_sqlite=db.is_sqlite)
+        self.history = HistoryCache()
+        self.sessions = Sessions(db=db, models=models)
+        self.running: set[Running] = set()
