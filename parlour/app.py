@@ -14,7 +14,7 @@ from .api import admin, bots, conversations, health, kernel2, openai
 from .api.errors import install_error_handlers
 from .api.security import install_auth
 from .auth import Authenticator, Principal
-from .backends.registry import build_registry
+from .backends.registry import registry_for
 from .models import ModelRegistry
 from .settings import Settings
 from .store.db import Database
@@ -31,14 +31,7 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.resolved_database_url)
         await db.migrate()
-        registry = models or build_registry(
-            model=settings.model,
-            config=settings.config,
-            strict=settings.strict_models,
-            threads=settings.llama_threads,
-            state_dir=settings.data_dir / "state",
-            cache_dir=settings.cache_dir,
-        )
+        registry = models or registry_for(settings)
         engine = Engine(db=db, models=registry)
         owner_id = await engine.owner_id(LOCAL_OWNER)
         app.state.settings = settings

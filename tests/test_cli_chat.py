@@ -8,14 +8,13 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from click.testing import CliRunner, Result
 
 from parlour.app import create_app
-from parlour.backends.registry import build_registry
+from parlour.backends.registry import registry_for
 from parlour.backends.scripted import ScriptedBackend
 from parlour.cli import chat as terminal
 from parlour.cli.main import main
@@ -84,15 +83,15 @@ class Chat:
 def cli(tmp_path: Path, database_url: str | None, monkeypatch: pytest.MonkeyPatch) -> Chat:
     chat = Chat(tmp_path, database_url)
 
-    def keep(**kwargs: Any) -> ModelRegistry:
-        registry = build_registry(**kwargs)
+    def keep(settings: Settings) -> ModelRegistry:
+        registry = registry_for(settings)
         backend = registry.default.backend
         assert isinstance(backend, ScriptedBackend)
         chat.backends.append(backend)
         return registry
 
     # The real registry, kept so the test can see what the model was sent.
-    monkeypatch.setattr("parlour.cli.chat.build_registry", keep)
+    monkeypatch.setattr("parlour.cli.chat.registry_for", keep)
     return chat
 
 

@@ -23,7 +23,7 @@ from ..knowledge import index as knowledge
 from ..knowledge.documents import SourceDocument, open_document
 from ..store.tables import KbDocument
 from .body import too_large
-from .deps import AdminDep, EngineDep
+from .deps import AdminDep, EngineDep, ReadSession, WriteSession
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 usage_router = APIRouter(tags=["admin"])
@@ -121,45 +121,40 @@ def document_dict(document: KbDocument) -> dict[str, Any]:
 
 
 @router.get("/bots", summary="Every bot with all its fields.")
-async def list_bots(engine: EngineDep, admin: AdminDep) -> list[dict[str, Any]]:
+async def list_bots(session: ReadSession, admin: AdminDep) -> list[dict[str, Any]]:
     """Every bot, by slug."""
-    async with engine.db.read() as session, session.begin():
-        return [v.as_dict() for v in await bots.list_bots(session)]
+    return [v.as_dict() for v in await bots.list_bots(session)]
 
 
 @router.post("/bots", status_code=201, summary="Create a bot.")
-async def create_bot(body: BotCreate, engine: EngineDep, admin: AdminDep) -> dict[str, Any]:
+async def create_bot(body: BotCreate, session: WriteSession, admin: AdminDep) -> dict[str, Any]:
     """Create a bot; answers it with its uid."""
-    async with engine.db.session() as session, session.begin():
-        created = await bots.create_bot(session, body.model_dump(exclude_unset=True))
-        return created.as_dict()
+    created = await bots.create_bot(session, body.model_dump(exclude_unset=True))
+    return created.as_dict()
 
 
 @router.get("/bots/{ref}", summary="One bot, by uid or slug.")
-async def get_bot(ref: str, engine: EngineDep, admin: AdminDep) -> dict[str, Any]:
+async def get_bot(ref: str, session: ReadSession, admin: AdminDep) -> dict[str, Any]:
     """One bot."""
-    async with engine.db.read() as session, session.begin():
-        return (await bots.view(session, await bots.get_bot(session, ref))).as_dict()
+    return (await bots.view(session, await bots.get_bot(session, ref))).as_dict()
 
 
 @router.patch("/bots/{ref}", summary="Change some of a bot's fields.")
 async def update_bot(
-    ref: str, body: BotUpdate, engine: EngineDep, admin: AdminDep
+    ref: str, body: BotUpdate, session: WriteSession, admin: AdminDep
 ) -> dict[str, Any]:
     """Change the fields the body names."""
-    async with engine.db.session() as session, session.begin():
-        bot = await bots.get_bot(session, ref)
-        changes = body.model_dump(exclude_unset=True)
-        if changes.get("enable_l0_retrieval", False) is None:
-            raise InvalidRequest("enable_l0_retrieval must be true or false.")
-        return (await bots.update_bot(session, bot, changes)).as_dict()
+    bot = await bots.get_bot(session, ref)
+    changes = body.model_dump(exclude_unset=True)
+    if changes.get("enable_l0_retrieval", False) is None:
+        raise InvalidRequest("enable_l0_retrieval must be true or false.")
+    return (await bots.update_bot(session, bot, changes)).as_dict()
 
 
 @router.delete("/bots/{ref}", status_code=204, summary="Delete a bot (its usage stays).")
-async def delete_bot(ref: str, engine: EngineDep, admin: AdminDep) -> Response:
+async def delete_bot(ref: str, session: WriteSession, admin: AdminDep) -> Response:
     """Delete a bot."""
-    async with engine.db.session() as session, session.begin():
-        await bots.remove_bot(session, await bots.get_bot(session, ref))
+    await bots.remove_bot(session, await bots.get_bot(session, ref))
     return Response(status_code=204)
 
 
@@ -167,55 +162,49 @@ async def delete_bot(ref: str, engine: EngineDep, admin: AdminDep) -> Response:
 
 
 @router.get("/kbs", summary="Every knowledge base with document and chunk counts.")
-async def list_kbs(engine: EngineDep, admin: AdminDep) -> list[dict[str, Any]]:
+async def list_kbs(session: ReadSession, admin: AdminDep) -> list[dict[str, Any]]:
     """Every knowledge base, by name."""
-    async with engine.db.read() as session, session.begin():
-        return [kb_dict(s) for s in await knowledge.list_kbs(session)]
+    return [kb_dict(s) for s in await knowledge.list_kbs(session)]
 
 
 @router.post("/kbs", status_code=201, summary="Create an empty knowledge base.")
-async def create_kb(body: KbCreate, engine: EngineDep, admin: AdminDep) -> dict[str, Any]:
+async def create_kb(body: KbCreate, session: WriteSession, admin: AdminDep) -> dict[str, Any]:
     """Create a knowledge base; add documents with POST /admin/kbs/{name}/documents."""
-    async with engine.db.session() as session, session.begin():
-        kb = await knowledge.create_kb(session, body.name, body.description)
-        return kb_dict(knowledge.KbSummary(kb, 0, 0))
+    kb = await knowledge.create_kb(session, body.name, body.description)
+    return kb_dict(knowledge.KbSummary(kb, 0, 0))
 
 
 @router.get("/kbs/{name}", summary="One knowledge base with its documents.")
-async def get_kb(name: str, engine: EngineDep, admin: AdminDep) -> dict[str, Any]:
+async def get_kb(name: str, session: ReadSession, admin: AdminDep) -> dict[str, Any]:
     """A knowledge base and its documents."""
-    async with engine.db.read() as session, session.begin():
-        kb = await knowledge.get_kb(session, name)
-        body = kb_dict(await knowledge.summary(session, kb))
-        body["documents"] = [document_dict(d) for d in await knowledge.list_documents(session, kb)]
-        return body
+    kb = await knowledge.get_kb(session, name)
+    body = kb_dict(await knowledge.summary(session, kb))
+    body["documents"] = [document_dict(d) for d in await knowledge.list_documents(session, kb)]
+    return body
 
 
 @router.patch("/kbs/{name}", summary="Rename a knowledge base or change its description.")
 async def update_kb(
-    name: str, body: KbUpdate, engine: EngineDep, admin: AdminDep
+    name: str, body: KbUpdate, session: WriteSession, admin: AdminDep
 ) -> dict[str, Any]:
     """Change the name or description."""
-    async with engine.db.session() as session, session.begin():
-        kb = await knowledge.get_kb(session, name)
-        await knowledge.update_kb(session, kb, name=body.name, description=body.description)
-        return kb_dict(await knowledge.summary(session, kb))
+    kb = await knowledge.get_kb(session, name)
+    await knowledge.update_kb(session, kb, name=body.name, description=body.description)
+    return kb_dict(await knowledge.summary(session, kb))
 
 
 @router.delete("/kbs/{name}", status_code=204, summary="Delete a knowledge base.")
-async def delete_kb(name: str, engine: EngineDep, admin: AdminDep) -> Response:
+async def delete_kb(name: str, session: WriteSession, admin: AdminDep) -> Response:
     """Delete a knowledge base and its documents; bots using it keep working without it."""
-    async with engine.db.session() as session, session.begin():
-        await knowledge.remove_kb(session, await knowledge.get_kb(session, name))
+    await knowledge.remove_kb(session, await knowledge.get_kb(session, name))
     return Response(status_code=204)
 
 
 @router.get("/kbs/{name}/documents", summary="A knowledge base's documents.")
-async def list_documents(name: str, engine: EngineDep, admin: AdminDep) -> list[dict[str, Any]]:
+async def list_documents(name: str, session: ReadSession, admin: AdminDep) -> list[dict[str, Any]]:
     """The documents, by name."""
-    async with engine.db.read() as session, session.begin():
-        kb = await knowledge.get_kb(session, name)
-        return [document_dict(d) for d in await knowledge.list_documents(session, kb)]
+    kb = await knowledge.get_kb(session, name)
+    return [document_dict(d) for d in await knowledge.list_documents(session, kb)]
 
 
 async def _uploads(request: Request) -> list[SourceDocument]:
@@ -295,26 +284,26 @@ async def upload_documents(
     status_code=204,
     summary="Delete a document (by name or id) and its chunks.",
 )
-async def delete_document(name: str, document: str, engine: EngineDep, admin: AdminDep) -> Response:
+async def delete_document(
+    name: str, document: str, session: WriteSession, admin: AdminDep
+) -> Response:
     """Delete one document."""
-    async with engine.db.session() as session, session.begin():
-        kb = await knowledge.get_kb(session, name)
-        await knowledge.remove_document(session, kb, document)
+    kb = await knowledge.get_kb(session, name)
+    await knowledge.remove_document(session, kb, document)
     return Response(status_code=204)
 
 
 @router.get("/kbs/{name}/search", summary="Ranked chunks matching a query.")
 async def search_kb(
     name: str,
-    engine: EngineDep,
+    session: ReadSession,
     admin: AdminDep,
     q: Annotated[str, Query(min_length=1, description="The question or keywords.")],
     limit: Annotated[int, Query(ge=1, le=50)] = 5,
 ) -> dict[str, Any]:
     """The best chunks, best first, with scores (higher is better) and sources."""
-    async with engine.db.read() as session, session.begin():
-        kb = await knowledge.get_kb(session, name)
-        hits = await knowledge.search(session, kb.id, q, limit=limit)
+    kb = await knowledge.get_kb(session, name)
+    hits = await knowledge.search(session, kb.id, q, limit=limit)
     return {
         "query": q,
         "data": [
@@ -336,7 +325,7 @@ async def search_kb(
 
 @usage_router.get("/v1/usage", summary="Token totals per user, bot and day (UTC).")
 async def get_usage(
-    engine: EngineDep,
+    session: ReadSession,
     admin: AdminDep,
     since: Annotated[date | None, Query(description="First day, YYYY-MM-DD.")] = None,
     until: Annotated[date | None, Query(description="Last day (inclusive).")] = None,
@@ -344,11 +333,10 @@ async def get_usage(
     bot: Annotated[str | None, Query(description="Only this bot (uid or slug).")] = None,
 ) -> dict[str, Any]:
     """Totals of every recorded generation, newest day first, with a grand total."""
-    async with engine.db.read() as session, session.begin():
-        bot_id: uuid.UUID | None = None
-        if bot is not None:
-            bot_id = (await bots.get_bot(session, bot)).uid
-        rows = await usage.totals(session, since=since, until=until, user_id=user_id, bot_id=bot_id)
+    bot_id: uuid.UUID | None = None
+    if bot is not None:
+        bot_id = (await bots.get_bot(session, bot)).uid
+    rows = await usage.totals(session, since=since, until=until, user_id=user_id, bot_id=bot_id)
     prompt = sum(r.prompt_tokens for r in rows)
     completion = sum(r.completion_tokens for r in rows)
     return {

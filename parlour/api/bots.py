@@ -17,7 +17,7 @@ from ..turns.stream import Turn
 from . import sse
 from .body import read_body
 from .bots_protocol import BotChatRequest, parse, public
-from .deps import EngineDep, ModelsDep, PrincipalDep, SettingsDep
+from .deps import EngineDep, ModelsDep, PrincipalDep, ReadSession, SettingsDep
 from .errors import DialectRouter
 
 
@@ -145,21 +145,19 @@ for path in ("/chat", "/v1/chat"):
         methods=["POST"],
         summary="Chat with a bot (stateless: send the whole conversation).",
         openapi_extra=CHAT_SCHEMA,
-        responses={
-            200: {
-                "description": '`{"content": "…"}`, or with stream=true an event stream of '
-                '`{"content": "…"}` events (the first empty) ending with [DONE].',
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        responses=sse.documented(
+            '`{"content": "…"}`, or with stream=true an event stream of '
+            '`{"content": "…"}` events (the first empty) ending with [DONE].',
+            {
+                404: '`{"detail": "Bot not found"}`',
+                422: "pydantic v1-style validation errors, all at once.",
             },
-            404: {"description": '`{"detail": "Bot not found"}`'},
-            422: {"description": "pydantic v1-style validation errors, all at once."},
-        },
+        ),
     )
 
 
 @router.get("/v1/bots", summary="The bots this server offers.")
-async def list_bots(engine: EngineDep, models: ModelsDep, principal: PrincipalDep) -> Any:
+async def list_bots(session: ReadSession, models: ModelsDep, principal: PrincipalDep) -> Any:
     """Every bot's uid, slug, name, description, model and welcome message."""
-    async with engine.db.read() as session, session.begin():
-        found = await queries.list_bots(session)
+    found = await queries.list_bots(session)
     return [public(bot, model_name(models, bot.model)) for bot in found]

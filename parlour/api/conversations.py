@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import JSONResponse, Response
 
@@ -17,11 +17,11 @@ from ..backends.base import ChatMessage
 from ..errors import NotFound, ParlourError
 from ..models import ModelRegistry
 from ..store import queries
-from ..store.tables import Conversation, Message, utcnow
+from ..store.tables import Conversation, utcnow
 from ..turns.request import Sampling, Stored, TurnRequest, TurnResult
 from ..turns.stream import Turn
 from . import sse
-from .deps import EngineDep, ModelsDep, PrincipalDep
+from .deps import EngineDep, ModelsDep, PrincipalDep, ReadSession, WriteSession
 
 MAX_TITLE = 255
 
@@ -52,34 +52,22 @@ class ConversationUpdate(BaseModel):
 
 
 class ConversationPublic(BaseModel):
-    """A conversation as the API shows it."""
+    """A conversation as the API shows it (validated from a stored row)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", from_attributes=True)
 
     id: uuid.UUID
-    user_id: uuid.UUID
+    user_id: uuid.UUID = Field(validation_alias=AliasChoices("user_id", "owner_id"))
     title: str
     model_tag: str
     created_at: datetime
     updated_at: datetime
 
-    @classmethod
-    def of(cls, row: Conversation) -> ConversationPublic:
-        """The public view of a stored conversation."""
-        return cls(
-            id=row.id,
-            user_id=row.owner_id,
-            title=row.title,
-            model_tag=row.model_tag,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-        )
-
 
 class MessagePublic(BaseModel):
-    """A message as the API shows it."""
+    """A message as the API shows it (validated from a stored row)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", from_attributes=True)
 
     id: uuid.UUID
     conversation_id: uuid.UUID
@@ -91,20 +79,6 @@ class MessagePublic(BaseModel):
         description="Milliseconds spent generating it; null for user messages."
     )
     created_at: datetime
-
-    @classmethod
-    def of(cls, row: Message) -> MessagePublic:
-        """The public view of a stored message."""
-        return cls(
-            id=row.id,
-            conversation_id=row.conversation_id,
-            role=row.role,  # type: ignore[arg-type]
-            content=row.content,
-            token_count=row.token_count,
-            model_tag=row.model_tag,
-            inference_time_ms=row.inference_time_ms,
-            created_at=row.created_at,
-        )
 
 
 class NewMessage(BaseModel):
@@ -188,17 +162,14 @@ async def _owned(
     summary="The caller's conversations, most recently updated first.",
 )
 async def list_conversations(
-    engine: EngineDep,
+    session: ReadSession,
     principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[ConversationPublic]:
     """List the caller's conversations, from every dialect."""
-    async with engine.db.read() as session, session.begin():
-        rows = await queries.list_conversations(
-            session, principal.owner_id, limit=limit, offset=offset
-        )
-        return [ConversationPublic.of(row) for row in rows]
+    rows = await queries.list_conversations(session, principal.owner_id, limit=limit, offset=offset)
+    return [ConversationPublic.model_validate(row) for row in rows]
 
 
 @router.post(
@@ -209,15 +180,14 @@ async def list_conversations(
     responses={422: {"description": "Invalid body, or `model_tag` names no configured model."}},
 )
 async def create_conversation(
-    body: ConversationCreate, engine: EngineDep, models: ModelsDep, principal: PrincipalDep
+    body: ConversationCreate, session: WriteSession, models: ModelsDep, principal: PrincipalDep
 ) -> ConversationPublic:
     """Create an empty conversation that the named model will answer."""
     _check_model(models, body.model_tag)
-    async with engine.db.session() as session, session.begin():
-        row = await queries.create_conversation(
-            session, owner_id=principal.owner_id, title=body.title, model_tag=body.model_tag
-        )
-        return ConversationPublic.of(row)
+    row = await queries.create_conversation(
+        session, owner_id=principal.owner_id, title=body.title, model_tag=body.model_tag
+    )
+    return ConversationPublic.model_validate(row)
 
 
 @router.get(
@@ -227,11 +197,12 @@ async def create_conversation(
     responses=NOT_FOUND,
 )
 async def get_conversation(
-    conversation_id: ConversationId, engine: EngineDep, principal: PrincipalDep
+    conversation_id: ConversationId, session: ReadSession, principal: PrincipalDep
 ) -> ConversationPublic:
     """One of the caller's conversations."""
-    async with engine.db.read() as session, session.begin():
-        return ConversationPublic.of(await _owned(session, principal.owner_id, conversation_id))
+    return ConversationPublic.model_validate(
+        await _owned(session, principal.owner_id, conversation_id)
+    )
 
 
 @router.patch(
@@ -243,22 +214,21 @@ async def get_conversation(
 async def update_conversation(
     conversation_id: ConversationId,
     body: ConversationUpdate,
-    engine: EngineDep,
+    session: WriteSession,
     models: ModelsDep,
     principal: PrincipalDep,
 ) -> ConversationPublic:
     """Rename a conversation or switch the model that answers it."""
     _check_model(models, body.model_tag)
-    async with engine.db.session() as session, session.begin():
-        row = await _owned(session, principal.owner_id, conversation_id)
-        if body.title is not None:
-            row.title = body.title
-        if body.model_tag is not None:
-            row.model_tag = body.model_tag
-        if body.title is not None or body.model_tag is not None:
-            row.updated_at = utcnow()
-        await session.flush()
-        return ConversationPublic.of(row)
+    row = await _owned(session, principal.owner_id, conversation_id)
+    if body.title is not None:
+        row.title = body.title
+    if body.model_tag is not None:
+        row.model_tag = body.model_tag
+    if body.title is not None or body.model_tag is not None:
+        row.updated_at = utcnow()
+    await session.flush()
+    return ConversationPublic.model_validate(row)
 
 
 @router.delete(
@@ -290,16 +260,15 @@ async def delete_conversation(
 )
 async def list_messages(
     conversation_id: ConversationId,
-    engine: EngineDep,
+    session: ReadSession,
     principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[MessagePublic]:
     """The stored messages of one of the caller's conversations."""
-    async with engine.db.read() as session, session.begin():
-        row = await _owned(session, principal.owner_id, conversation_id)
-        messages = await queries.list_messages(session, row.id, limit=limit, offset=offset)
-        return [MessagePublic.of(m) for m in messages]
+    row = await _owned(session, principal.owner_id, conversation_id)
+    messages = await queries.list_messages(session, row.id, limit=limit, offset=offset)
+    return [MessagePublic.model_validate(m) for m in messages]
 
 
 async def _events(turn: Turn) -> AsyncIterator[str]:
@@ -318,7 +287,7 @@ async def _events(turn: Turn) -> AsyncIterator[str]:
 
 def _public(result: TurnResult) -> dict[str, Any]:
     assert result.assistant_message is not None  # a turn on a stored conversation
-    return MessagePublic.of(result.assistant_message).model_dump(mode="json")
+    return MessagePublic.model_validate(result.assistant_message).model_dump(mode="json")
 
 
 @router.post(
@@ -326,15 +295,14 @@ def _public(result: TurnResult) -> dict[str, Any]:
     operation_id="postMessage",
     summary="Send a user message; the reply streams as Server-Sent Events or comes as JSON.",
     response_model=MessagePublic,
-    responses={
-        200: {
-            "description": STREAM_DESCRIPTION,
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    responses=sse.documented(
+        STREAM_DESCRIPTION,
+        {
+            400: {"model": ErrorDetail, "description": "The message does not fit the context."},
+            **NOT_FOUND,
+            503: {"model": ErrorDetail, "description": "The model is not loaded yet."},
         },
-        400: {"model": ErrorDetail, "description": "The message does not fit the context."},
-        **NOT_FOUND,
-        503: {"model": ErrorDetail, "description": "The model is not loaded yet."},
-    },
+    ),
 )
 async def post_message(
     conversation_id: ConversationId,

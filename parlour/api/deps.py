@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 
 from ..auth import Authenticator
@@ -12,6 +14,7 @@ from ..auth import Principal as Principal
 from ..errors import Forbidden
 from ..models import ModelRegistry
 from ..settings import Settings
+from ..store.db import Database
 from ..turns.engine import Engine
 
 
@@ -63,3 +66,21 @@ async def get_admin(principal: PrincipalDep) -> Principal:
 
 
 AdminDep = Annotated[Principal, Depends(get_admin)]
+
+
+async def read_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """A database session for reads (no write lock on SQLite), in a transaction."""
+    db: Database = request.app.state.db
+    async with db.read() as session, session.begin():
+        yield session
+
+
+async def write_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """A database session in a write transaction, committed before the response is sent."""
+    db: Database = request.app.state.db
+    async with db.session() as session, session.begin():
+        yield session
+
+
+ReadSession = Annotated[AsyncSession, Depends(read_session, scope="function")]
+WriteSession = Annotated[AsyncSession, Depends(write_session, scope="function")]

@@ -22,7 +22,8 @@ from . import sse
 from .body import read_json
 from .deps import EngineDep, PrincipalDep, SettingsDep
 from .errors import DialectRouter
-from .openai_protocol import ContentPart, Wire, usage
+from .openai_protocol import ContentPart, Wire, completion
+from .openai_protocol import chunk as openai_chunk
 from .schema import json_request_body
 
 PREFIX = "/api/kernel2"
@@ -146,18 +147,9 @@ def fingerprint(model: str) -> str:
     return "fp_" + hashlib.sha256(f"parlour {__version__} {model}".encode()).hexdigest()[:10]
 
 
-def chunk(
-    *, id: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None
-) -> dict[str, Any]:
-    """A `chat.completion.chunk` as the seed documents it."""
-    return {
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint(model),
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
+def chunk(*, model: str, **fields: Any) -> dict[str, Any]:
+    """A `chat.completion.chunk` as the seed documents it: OpenAI's, with a fingerprint."""
+    return {**openai_chunk(model=model, **fields), "system_fingerprint": fingerprint(model)}
 
 
 async def _next(iterator: AsyncIterator[str]) -> str:
@@ -206,7 +198,7 @@ def _events(interval: float) -> Callable[[Turn], AsyncIterator[str]]:
             yield sse.DONE
             return
         yield sse.event(
-            chunk(id=cid, created=created, model=model, delta={}, finish=result.finish_reason)
+            chunk(id=cid, created=created, model=model, finish_reason=result.finish_reason)
         )
         yield sse.DONE
 
@@ -217,17 +209,16 @@ def _events(interval: float) -> Callable[[Turn], AsyncIterator[str]]:
     f"{PREFIX}/chat",
     summary="Second Me chat: stateless, OpenAI-compatible, streaming by default.",
     openapi_extra=json_request_body(Kernel2Request),
-    responses={
-        200: {
-            "description": "An event stream of chat.completion.chunk objects ending with "
-            "[DONE] (`: heartbeat` comments while waiting), or with stream=false a "
-            "chat.completion object.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    responses=sse.documented(
+        "An event stream of chat.completion.chunk objects ending with "
+        "[DONE] (`: heartbeat` comments while waiting), or with stream=false a "
+        "chat.completion object.",
+        {
+            400: '`{"success": false, "message": "…", "code": 400}`',
+            404: "Unknown role_id.",
+            503: {"description": "The model is not loaded yet."},
         },
-        400: {"description": '`{"success": false, "message": "…", "code": 400}`'},
-        404: {"description": "Unknown role_id."},
-        503: {"description": "The model is not loaded yet."},
-    },
+    ),
 )
 async def chat(
     request: Request, engine: EngineDep, settings: SettingsDep, principal: PrincipalDep
@@ -239,20 +230,13 @@ async def chat(
         return await sse.stream(turn, _events(settings.heartbeat_seconds), wait_for_output=False)
     async with turn:
         result = await turn.finish()
-    return JSONResponse(
-        {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": result.model,
-            "system_fingerprint": fingerprint(result.model),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "finish_reason": result.finish_reason,
-                }
-            ],
-            "usage": usage(result.prompt_tokens, result.completion_tokens),
-        }
+    reply = completion(
+        id=f"chatcmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=result.model,
+        content=result.text,
+        finish_reason=result.finish_reason,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
     )
+    return JSONResponse({**reply, "system_fingerprint": fingerprint(result.model)})

@@ -188,16 +188,15 @@ async def _complete(turn: Turn) -> Response:
     "/v1/chat/completions",
     summary="Chat with server-side history: send only the new message with x-session-key.",
     openapi_extra=json_request_body(ChatCompletionRequest),
-    responses={
-        200: {
-            "description": "A chat.completion object, or with stream=true an event stream of "
-            "chat.completion.chunk objects ending with [DONE].",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    responses=sse.documented(
+        "A chat.completion object, or with stream=true an event stream of "
+        "chat.completion.chunk objects ending with [DONE].",
+        {
+            400: "Invalid request (OpenAI error object).",
+            413: "Request body too large.",
+            503: "Model not loaded yet.",
         },
-        400: {"description": "Invalid request (OpenAI error object)."},
-        413: {"description": "Request body too large."},
-        503: {"description": "Model not loaded yet."},
-    },
+    ),
 )
 async def chat_completions(
     request: Request,

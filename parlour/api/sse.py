@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from starlette.responses import StreamingResponse
@@ -47,3 +47,18 @@ async def stream(
                 yield item
 
     return response(body())
+
+
+def documented(
+    description: str, errors: Mapping[int | str, str | dict[str, Any]]
+) -> dict[int | str, Any]:
+    """OpenAPI `responses` of a route that answers JSON or, when asked, an event stream."""
+    described: dict[int | str, Any] = {
+        200: {
+            "description": description,
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        }
+    }
+    for status, error in errors.items():
+        described[status] = {"description": error} if isinstance(error, str) else error
+    return described

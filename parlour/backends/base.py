@@ -19,6 +19,10 @@ class ChatMessage:
     content: str
 
 
+#: The messages a reply is generated for, oldest first.
+Prompt = Sequence[ChatMessage]
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingOptions:
     """Sampling settings a request and a backend call share; None means the default."""
@@ -54,11 +58,8 @@ class Backend(ABC):
     """A model runtime. Subclasses say what they can do through class attributes."""
 
     kind: str = "abstract"
-
-    @property
-    @abstractmethod
-    def context_length(self) -> int:
-        """Tokens the model can attend to, prompt and reply together."""
+    #: Tokens the model can attend to, prompt and reply together (0 until it is known).
+    context_length: int = 0
 
     @property
     def ready(self) -> bool:
@@ -81,11 +82,7 @@ class Backend(ABC):
 
     @abstractmethod
     def stream(
-        self,
-        messages: Sequence[ChatMessage],
-        params: GenerationParams,
-        *,
-        session: str | None = None,
+        self, messages: Prompt, params: GenerationParams, *, session: str | None = None
     ) -> AsyncGenerator[Chunk, None]:
         """Generate a reply. Closing the iterator (aclose) stops generation promptly.
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendError, ModelNotReady
-from .base import Backend, ChatMessage, Chunk, GenerationParams
+from .base import Backend, ChatMessage, Chunk, GenerationParams, Prompt
 from .convert import converted
 from .llama_scheduler import (
     Request,
@@ -145,15 +145,11 @@ class LlamaBackend(Backend):
         self._model: Any = None
         self._ctx: Any = None
         self._scheduler: SessionScheduler | None = None
-        self._n_ctx = context_length or 0
+        self.context_length = context_length or 0
         self._template: Any = None
         self._bos_text = ""
         self._eos_text = ""
         self._add_bos = False
-
-    @property
-    def context_length(self) -> int:
-        return self._n_ctx
 
     @property
     def ready(self) -> bool:
@@ -175,10 +171,6 @@ class LlamaBackend(Backend):
         await asyncio.to_thread(self._load)
 
     def _load(self) -> None:
-        import llama_cpp
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-        from llama_cpp import _internals
-
         if not self.path.is_file():
             raise FileNotFoundError(f"model file not found: {self.path}")
         native_log = logging.getLogger("llama-cpp-python")
@@ -186,6 +178,36 @@ class LlamaBackend(Backend):
             # What `Llama(verbose=False)` sets: llama.cpp's info lines (context setup, one
             # per restored session state) stay out of the server's output, warnings do not.
             native_log.setLevel(logging.ERROR)
+        model = self._open_model()
+        ctx, n_ctx, cells = self._open_context(model)
+        bos, eos = model.token_bos(), model.token_eos()
+        self._bos_text = model.token_get_text(bos) if bos >= 0 else ""
+        self._eos_text = model.token_get_text(eos) if eos >= 0 else ""
+        self._add_bos = bool(model.add_bos_token())
+        self._template = _chat_template(model.metadata().get("tokenizer.chat_template") or CHATML)
+        store = StateStore(
+            ram_bytes=self.ram_budget,
+            disk_bytes=self.disk_budget,
+            directory=self.state_dir,
+        )
+        self._model, self._ctx, self.context_length = model, ctx, n_ctx
+        self._scheduler = SessionScheduler(
+            model=model,
+            ctx=ctx,
+            n_batch=self.n_batch,
+            slots=self.slots,
+            kv_cells=cells,
+            n_ctx_seq=n_ctx,
+            store=store,
+            sampling=self.sampling,
+            batch_streams=self.batch_streams,
+        )
+
+    def _open_model(self) -> Any:
+        """The model's weights, from the converted copy if it loads, else the file itself."""
+        import llama_cpp
+        from llama_cpp import _internals
+
         model_params = llama_cpp.llama_model_default_params()
         model_params.use_extra_bufts = False
         path = self._weights_file()
@@ -199,6 +221,13 @@ class LlamaBackend(Backend):
             path = self.path
             model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
         self.loaded_path = path
+        return model
+
+    def _open_context(self, model: Any) -> tuple[Any, int, int]:
+        """A context with a slot per session: (context, tokens per sequence, KV cells)."""
+        import llama_cpp
+        from llama_cpp import _internals
+
         trained = model.n_ctx_train()
         n_ctx = min(self.requested_context or trained, trained) if trained > 0 else 4096
         cells = max(self.requested_cells or 2 * n_ctx, n_ctx)
@@ -215,37 +244,7 @@ class LlamaBackend(Backend):
             if self.flash_attn
             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
-        ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
-
-        bos, eos = model.token_bos(), model.token_eos()
-        self._bos_text = model.token_get_text(bos) if bos >= 0 else ""
-        self._eos_text = model.token_get_text(eos) if eos >= 0 else ""
-        self._add_bos = bool(model.add_bos_token())
-        source = model.metadata().get("tokenizer.chat_template") or CHATML
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(message: str) -> None:
-            raise ValueError(message)
-
-        env.globals["raise_exception"] = raise_exception
-        self._template = env.from_string(source)
-        store = StateStore(
-            ram_bytes=self.ram_budget,
-            disk_bytes=self.disk_budget,
-            directory=self.state_dir,
-        )
-        self._model, self._ctx, self._n_ctx = model, ctx, n_ctx
-        self._scheduler = SessionScheduler(
-            model=model,
-            ctx=ctx,
-            n_batch=self.n_batch,
-            slots=self.slots,
-            kv_cells=cells,
-            n_ctx_seq=n_ctx,
-            store=store,
-            sampling=self.sampling,
-            batch_streams=self.batch_streams,
-        )
+        return _internals.LlamaContext(model=model, params=params, verbose=False), n_ctx, cells
 
     def _weights_file(self) -> Path:
         """The model file to load: a cached conversion when one is asked for and works."""
@@ -321,11 +320,7 @@ class LlamaBackend(Backend):
         return len(self.encode(messages))
 
     async def stream(
-        self,
-        messages: Sequence[ChatMessage],
-        params: GenerationParams,
-        *,
-        session: str | None = None,
+        self, messages: Prompt, params: GenerationParams, *, session: str | None = None
     ) -> AsyncGenerator[Chunk, None]:
         scheduler = self._scheduler
         if scheduler is None:
@@ -342,7 +337,7 @@ class LlamaBackend(Backend):
             params=params,
             session=session,
             emit=emit,
-            limit=max(0, min(params.max_tokens, self._n_ctx - len(tokens))),
+            limit=max(0, min(params.max_tokens, self.context_length - len(tokens))),
         )
         if request.limit == 0:
             yield Chunk(finish_reason="length", prompt_tokens=len(tokens))
@@ -359,3 +354,16 @@ class LlamaBackend(Backend):
         finally:
             # Reached on a client disconnect too: the scheduler drops it at its next step.
             scheduler.cancel(request)
+
+
+def _chat_template(source: str) -> Any:
+    """A model's Jinja chat template, compiled in a sandbox."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)

@@ -24,7 +24,7 @@ from ..errors import (
     InvalidRequest,
     UpstreamStatusError,
 )
-from .base import Backend, ChatMessage, Chunk, FinishReason, GenerationParams
+from .base import Backend, ChatMessage, Chunk, FinishReason, GenerationParams, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,9 @@ class OpenAIBackend(Backend):
         self.base_urls = [url.rstrip("/") for url in base_urls]
         self.model = model
         self.api_key_env = api_key_env
-        self._context_length = context_length
+        self.context_length = context_length
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self._client: httpx.AsyncClient | None = None
-
-    @property
-    def context_length(self) -> int:
-        return self._context_length
 
     @property
     def ready(self) -> bool:
@@ -111,11 +107,7 @@ class OpenAIBackend(Backend):
         return body
 
     async def stream(
-        self,
-        messages: Sequence[ChatMessage],
-        params: GenerationParams,
-        *,
-        session: str | None = None,
+        self, messages: Prompt, params: GenerationParams, *, session: str | None = None
     ) -> AsyncGenerator[Chunk, None]:
         if self._client is None:
             raise BackendUnavailable("The upstream backend is not started.")

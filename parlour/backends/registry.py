@@ -16,6 +16,7 @@ from ..models import (
     embedded_spec,
     spec_from_argument,
 )
+from ..settings import Settings
 from .base import Backend
 
 
@@ -166,3 +167,15 @@ def build_registry(
         for s in specs
     ]
     return ModelRegistry(loaded, default=default, strict=strict)
+
+
+def registry_for(settings: Settings) -> ModelRegistry:
+    """The models `serve` and `chat` use with these settings."""
+    return build_registry(
+        model=settings.model,
+        config=settings.config,
+        strict=settings.strict_models,
+        threads=settings.llama_threads,
+        state_dir=settings.data_dir / "state",
+        cache_dir=settings.cache_dir,
+    )

@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
-from .base import Backend, ChatMessage, Chunk, GenerationParams
+from .base import Backend, ChatMessage, Chunk, GenerationParams, Prompt
 
 _TOKEN = re.compile(r"\s*\S+|\s+")
 
@@ -33,14 +33,10 @@ class ScriptedBackend(Backend):
     kind = "scripted"
 
     def __init__(self, *, context_length: int = 4096, token_delay: float = 0.0) -> None:
-        self._context_length = context_length
+        self.context_length = context_length
         self.token_delay = token_delay
         self.queue: deque[str] = deque()
         self.calls: list[ScriptedCall] = []
-
-    @property
-    def context_length(self) -> int:
-        return self._context_length
 
     def enqueue(self, *replies: str) -> None:
         """Queue replies to be returned in order before falling back to echoing."""
@@ -62,11 +58,7 @@ class ScriptedBackend(Backend):
         return f"Echo {len(users)}: {last}"
 
     async def stream(
-        self,
-        messages: Sequence[ChatMessage],
-        params: GenerationParams,
-        *,
-        session: str | None = None,
+        self, messages: Prompt, params: GenerationParams, *, session: str | None = None
     ) -> AsyncGenerator[Chunk, None]:
         self.calls.append(ScriptedCall(tuple(messages), params, session))
         prompt = self.prompt_tokens(messages)

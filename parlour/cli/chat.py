@@ -20,7 +20,7 @@ import click
 
 from ..api.openai import HELP_TEXT
 from ..backends.base import ChatMessage
-from ..backends.registry import build_registry
+from ..backends.registry import registry_for
 from ..errors import BotNotFound, ParlourError
 from ..models import ModelRegistry
 from ..settings import Settings
@@ -218,14 +218,7 @@ async def chat(settings: Settings, *, session_key: str, bot_ref: str | None) -> 
         await db.migrate()
         bot = await _find_bot(db, bot_ref) if bot_ref is not None else None
         try:
-            registry = build_registry(
-                model=settings.model,
-                config=settings.config,
-                strict=settings.strict_models,
-                threads=settings.llama_threads,
-                state_dir=settings.data_dir / "state",
-                cache_dir=settings.cache_dir,
-            )
+            registry = registry_for(settings)
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
         engine = Engine(db=db, models=registry)

@@ -260,19 +260,30 @@ async def add_document(
         document, status = existing, "replaced"
         document.sha256, document.size, document.updated_at = digest, len(source.data), now
     else:
-        document, status = (
-            KbDocument(
-                kb_id=kb.id,
-                name=source.name,
-                sha256=digest,
-                size=len(source.data),
-                created_at=now,
-                updated_at=now,
-            ),
-            "added",
+        document = KbDocument(
+            kb_id=kb.id,
+            name=source.name,
+            sha256=digest,
+            size=len(source.data),
+            created_at=now,
+            updated_at=now,
         )
+        status = "added"
         session.add(document)
     await session.flush()
+    document.chunk_count = await _index_chunks(session, document, source, on_page)
+    kb.updated_at = now
+    await session.flush()
+    return AddResult(source.name, status, document.chunk_count)
+
+
+async def _index_chunks(
+    session: AsyncSession,
+    document: KbDocument,
+    source: SourceDocument,
+    on_page: Callable[[], None] | None,
+) -> int:
+    """Split a document's pages into chunks and store them; the number of chunks."""
 
     def pages() -> Iterator[tuple[int | None, str]]:
         for number, page_text in enumerate(source.pages(), start=1):
@@ -285,7 +296,7 @@ async def add_document(
     for draft in chunk_pages(pages()):
         batch.append(
             KbChunk(
-                kb_id=kb.id,
+                kb_id=document.kb_id,
                 document_id=document.id,
                 position=count,
                 page=draft.page,
@@ -299,10 +310,7 @@ async def add_document(
             await session.flush()
             batch = []
     session.add_all(batch)
-    document.chunk_count = count
-    kb.updated_at = now
-    await session.flush()
-    return AddResult(source.name, status, count)
+    return count
 
 
 def _skip_pages(source: SourceDocument, on_page: Callable[[], None] | None) -> None:
