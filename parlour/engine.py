@@ -123,6 +123,9 @@ class TurnRequest:
     #: When set, the turn goes ahead only while the conversation is still bound to this
     #: session key; otherwise it fails with SessionMoved before writing anything.
     session_key: str | None = None
+    #: Messages the client sent before this one: stored as the conversation's history
+    #: when it has no messages yet, ignored otherwise.
+    history: tuple[ChatMessage, ...] = ()
 
 
 class SessionMoved(ParlourError):
@@ -204,6 +207,10 @@ class TurnStream(GenerationStream[TurnResult]):
             # has tokens of room can fit: older ones need not be read.
             limit = backend.context_length - budget
             last = last_position if last_position is not None else -1
+            if last_position is None and request.history:
+                last = await queries.import_history(
+                    conn, conversation.id, request.history, count=backend.count_tokens, now=utcnow()
+                )
             rows = engine.history.get(conversation.id, last, limit)
             loaded = rows is None
             if rows is None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+SESSIONLESS_MODES = ("reject", "stateless")
 
 
 def default_data_dir() -> Path:
@@ -39,6 +40,18 @@ class Settings:
     jwt_public_key: Path | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+    #: What /v1/chat/completions does with a request that names no session: "reject"
+    #: (400) or "stateless" (the request's messages are the whole context).
+    sessionless: str = "reject"
+    #: Take the OpenAI `user` field as the session key when no other carrier names one.
+    session_from_user: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sessionless not in SESSIONLESS_MODES:
+            raise ValueError(
+                f"PARLOUR_SESSIONLESS must be one of {', '.join(SESSIONLESS_MODES)}, "
+                f"not {self.sessionless!r}."
+            )
 
     @property
     def resolved_database_url(self) -> str:
@@ -106,4 +119,6 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "jwt_public_key": ("PARLOUR_JWT_PUBLIC_KEY", Path),
     "jwt_issuer": ("PARLOUR_JWT_ISSUER", str),
     "jwt_audience": ("PARLOUR_JWT_AUDIENCE", str),
+    "sessionless": ("PARLOUR_SESSIONLESS", lambda raw: raw.strip().lower()),
+    "session_from_user": ("PARLOUR_SESSION_FROM_USER", _bool),
 }

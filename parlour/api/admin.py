@@ -36,6 +36,7 @@ class BotCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    uid: uuid.UUID | None = Field(default=None, description="Default: a new random uid.")
     slug: str
     name: str
     system_prompt: str

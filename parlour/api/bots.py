@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import AsyncIterator
+from datetime import date
 from typing import Any
 
 from fastapi import APIRouter
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .. import bots
+from .. import bots, usage
 from ..backends.base import ChatMessage
 from ..engine import Sampling
 from ..errors import InvalidRequest, ModelNotFound, ParlourError
@@ -19,12 +22,12 @@ from ..store.tables import Bot
 from . import sse
 from .body import read_body
 from .bots_protocol import BodyInvalid, BodyUnreadable, BotChatRequest, parse
-from .deps import EngineDep, ModelsDep, PrincipalDep, SettingsDep
+from .deps import AdminDep, EngineDep, ModelsDep, PrincipalDep, SettingsDep
 from .errors import ErrorShape, detail_body
 
 router = APIRouter(tags=["bot api"])
 
-BOT_API_PATHS = ("/chat", "/v1/chat", "/v1/bots")
+BOT_API_PATHS = ("/chat", "/v1/chat", "/v1/bots", "/health-check", "/v1/user/usage-statistics")
 
 
 def bot_api_shape() -> ErrorShape:
@@ -187,3 +190,57 @@ async def list_bots(engine: EngineDep, models: ModelsDep, principal: PrincipalDe
     async with engine.db.read() as session, session.begin():
         found = await bots.list_bots(session)
     return [bots.public(v.bot, model_name(models, v.bot.model)) for v in found]
+
+
+@router.get("/health-check", summary="The aBLT SDK's readiness check: status ok once ready.")
+async def health_check(models: ModelsDep, principal: PrincipalDep) -> JSONResponse:
+    """`{"status": "ok"}` once the default model can answer (checks the token too)."""
+    if models.ready:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "loading"}, status_code=503)
+
+
+class StatisticsRequest(BaseModel):
+    """The aBLT SDK's usage-statistics query; user_id -1 means every user."""
+
+    user_id: int = -1
+    start_date: date
+    end_date: date
+
+
+_STAT_FIELDS = ("original", "enchancement", "response", "total")
+
+
+def _statistics(prompt: int, completion: int) -> dict[str, int]:
+    # The aBLT names: original = prompt, response = completion; parlour adds no
+    # enhancement tokens and counts no words.
+    tokens = {"original": prompt, "enchancement": 0, "response": completion}
+    tokens["total"] = prompt + completion
+    return {
+        **{f"{k}_tokens": tokens[k] for k in _STAT_FIELDS},
+        **{f"{k}_words": 0 for k in _STAT_FIELDS},
+    }
+
+
+@router.post("/v1/user/usage-statistics", summary="Token totals per day in the aBLT SDK's shape.")
+async def usage_statistics(
+    body: StatisticsRequest, engine: EngineDep, admin: AdminDep
+) -> dict[str, Any]:
+    """Bot API usage totals of one end user (or all, with -1) per day, and overall."""
+    async with engine.db.read() as session, session.begin():
+        rows = await usage.totals(
+            session,
+            since=body.start_date,
+            until=body.end_date,
+            user_id=None if body.user_id == -1 else str(body.user_id),
+        )
+    days: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for row in rows:
+        days[row.day][0] += row.prompt_tokens
+        days[row.day][1] += row.completion_tokens
+    return {
+        "total": _statistics(
+            sum(r.prompt_tokens for r in rows), sum(r.completion_tokens for r in rows)
+        ),
+        "items": [{**_statistics(p, c), "date": day} for day, (p, c) in sorted(days.items())],
+    }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,10 +11,11 @@ from fastapi import APIRouter, Header
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..engine import Engine, Sampling, TurnRequest, TurnStream
+from ..backends.base import ChatMessage, Role
+from ..engine import Engine, Sampling, TurnRequest, TurnResult, TurnStream
 from ..errors import InvalidRequest, ParlourError
+from ..stateless import CompletionResult, CompletionStream
 from . import sse
-from .body import read_json
 from .deps import EngineDep, ModelsDep, PrincipalDep, SettingsDep
 from .errors import ErrorShape
 from .openai_protocol import (
@@ -24,9 +24,9 @@ from .openai_protocol import (
     chunk,
     completion,
     error_body,
-    parse_request,
     usage,
 )
+from .openai_sessions import earlier_messages, read_session_request, stateless_request
 from .schema import json_request_body
 
 router = APIRouter(tags=["openai"])
@@ -49,25 +49,6 @@ def openai_shape() -> ErrorShape:
         matches=lambda path: path.rstrip("/") in OPENAI_PATHS or path.startswith("/v1/models/"),
         render=error_body,
     )
-
-
-def _session_key(value: str | None) -> str:
-    if value is None or value == "":
-        raise InvalidRequest(
-            "Missing required header: x-session-key",
-            param="x-session-key",
-            code="missing_session_key",
-        )
-    # The server decodes header bytes as latin-1, but clients such as curl send UTF-8.
-    with contextlib.suppress(UnicodeError):
-        value = value.encode("latin-1").decode("utf-8")
-    if len(value) > 256 or not value.isprintable():
-        raise InvalidRequest(
-            "Invalid x-session-key: use 1 to 256 printable characters.",
-            param="x-session-key",
-            code="invalid_session_key",
-        )
-    return value
 
 
 def _text(message: RequestMessage, index: int) -> str:
@@ -101,6 +82,22 @@ def new_turn(body: ChatCompletionRequest) -> tuple[str, str | None]:
             param="messages",
         )
     return "\n\n".join(users), ("\n\n".join(system) if system else None)
+
+
+def request_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
+    """The request's system, user and assistant messages as text (`developer` is a system
+    message; tool messages are left out)."""
+    roles: dict[str, Role] = {
+        "system": "system",
+        "developer": "system",
+        "user": "user",
+        "assistant": "assistant",
+    }
+    return [
+        ChatMessage(roles[m.role], _text(m, i))
+        for i, m in enumerate(body.messages)
+        if m.role in roles
+    ]
 
 
 def _sampling(body: ChatCompletionRequest) -> Sampling:
@@ -145,7 +142,15 @@ def _command_reply(body: ChatCompletionRequest, model: str, text: str) -> Respon
     return sse.response(events())
 
 
-async def _stream(turn: TurnStream, body: ChatCompletionRequest, model: str) -> AsyncIterator[str]:
+def _reply(result: TurnResult | CompletionResult) -> str:
+    if isinstance(result, TurnResult):
+        return result.assistant_message.content
+    return result.text
+
+
+async def _stream(
+    turn: TurnStream | CompletionStream, body: ChatCompletionRequest, model: str
+) -> AsyncIterator[str]:
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     try:
         yield sse.event(
@@ -180,7 +185,7 @@ async def _stream(turn: TurnStream, body: ChatCompletionRequest, model: str) -> 
         turn.cancel()
 
 
-async def _complete(turn: TurnStream) -> Response:
+async def _complete(turn: TurnStream | CompletionStream) -> Response:
     try:
         async for _ in turn:
             pass
@@ -192,7 +197,7 @@ async def _complete(turn: TurnStream) -> Response:
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=result.model,
-            content=result.assistant_message.content,
+            content=_reply(result),
             finish_reason=result.finish_reason,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
@@ -223,11 +228,22 @@ async def chat_completions(
     principal: PrincipalDep,
     x_session_key: str | None = Header(default=None),
 ) -> Response:
-    """Continue the session named by x-session-key with the request's new messages."""
-    session_key = _session_key(x_session_key)
-    body = parse_request(await read_json(request, settings.max_body_bytes))
+    """Continue the session the request names with its new messages; with no session and
+    PARLOUR_SESSIONLESS=stateless, answer from the request's messages alone."""
+    session_key, body = await read_session_request(request, x_session_key, settings)
     content, system_prompt = new_turn(body)
     model = models.ready_model(body.model)
+    if session_key is None:
+        turn: TurnStream | CompletionStream = engine.complete(
+            stateless_request(
+                owner_id=principal.owner_id,
+                body=body,
+                messages=request_messages(body),
+                sampling=_sampling(body),
+                model=_known(engine, body.model),
+            )
+        )
+        return await _respond(turn, body, model.spec.name)
     command = content.strip()
     if command == "/new":
         await engine.reset_session(owner_id=principal.owner_id, session_key=session_key)
@@ -242,13 +258,23 @@ async def chat_completions(
         content=content,
         system_prompt=system_prompt,
     )
+    return await _respond(turn, body, model.spec.name)
+
+
+def _known(engine: Engine, model: str | None) -> str | None:
+    return model if model and engine.models.knows(model) else None
+
+
+async def _respond(
+    turn: TurnStream | CompletionStream, body: ChatCompletionRequest, model: str
+) -> Response:
     if body.stream:
         try:
             await turn.first_output()
         except BaseException:
             turn.cancel()
             raise
-        return sse.response(_stream(turn, body, turn.model or model.spec.name))
+        return sse.response(_stream(turn, body, turn.model or model))
     return await _complete(turn)
 
 
@@ -268,8 +294,9 @@ async def start_turn(
             conversation_id=NO_CONVERSATION,
             content=content,
             sampling=_sampling(body),
-            model=body.model if body.model and engine.models.knows(body.model) else None,
+            model=_known(engine, body.model),
             system_prompt=system_prompt,
+            history=earlier_messages(request_messages(body)),
             user_id=body.user,
             dialect="openai",
         ),

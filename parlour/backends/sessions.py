@@ -26,7 +26,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,10 @@ from .base import Chunk, FinishReason, GenerationParams
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Chunk | BaseException], None]
+#: Names the scheduler gives the states of requests that came without a session.
+PREFIX_SESSION = "\x00prefix:"
+#: Fewest shared tokens worth reusing a session-less state for.
+MIN_PREFIX = 16
 #: A request, the tokens it adds to a batch, and whether it wants logits for the last one.
 Item = tuple["Request", list[int], bool]
 
@@ -117,7 +121,7 @@ class StateStore:
         self.disk_bytes = disk_bytes if directory is not None else 0
         self.directory = directory
         self._ram: OrderedDict[str, tuple[list[int], bytes | bytearray]] = OrderedDict()
-        self._disk: OrderedDict[str, tuple[Path, int]] = OrderedDict()
+        self._disk: OrderedDict[str, tuple[Path, int, list[int]]] = OrderedDict()
         self.ram_used = 0
         self.disk_used = 0
         self.dropped = 0
@@ -151,7 +155,7 @@ class StateStore:
             self.ram_used -= len(data)
             return tokens, data, "ram"
         if session in self._disk:
-            path, size = self._disk.pop(session)
+            path, size, _tokens = self._disk.pop(session)
             self.disk_used -= size
             try:
                 raw = path.read_bytes()
@@ -169,9 +173,18 @@ class StateStore:
         if session in self._ram:
             self.ram_used -= len(self._ram.pop(session)[1])
         if session in self._disk:
-            path, size = self._disk.pop(session)
+            path, size, _tokens = self._disk.pop(session)
             self.disk_used -= size
             path.unlink(missing_ok=True)
+
+    def tokens(self, prefix: str) -> Iterator[tuple[str, list[int]]]:
+        """The sessions whose names start with `prefix`, with the tokens their states hold."""
+        for session, (tokens, _data) in self._ram.items():
+            if session.startswith(prefix):
+                yield session, tokens
+        for session, (_path, _size, tokens) in self._disk.items():
+            if session.startswith(prefix):
+                yield session, tokens
 
     def _to_disk(self, session: str, tokens: list[int], data: bytes | bytearray) -> None:
         size = 8 + 4 * len(tokens) + len(data)
@@ -179,7 +192,7 @@ class StateStore:
             self.dropped += 1
             return
         while self.disk_used + size > self.disk_bytes and self._disk:
-            _, (path, old_size) = self._disk.popitem(last=False)
+            _, (path, old_size, _tokens) = self._disk.popitem(last=False)
             self.disk_used -= old_size
             path.unlink(missing_ok=True)
             self.dropped += 1
@@ -191,7 +204,7 @@ class StateStore:
             out.write(struct.pack(f"<{len(tokens)}i", *tokens))
             out.write(data)
         os.replace(temp, path)
-        self._disk[session] = (path, size)
+        self._disk[session] = (path, size, tokens)
         self.disk_used += size
 
 
@@ -287,6 +300,7 @@ class SessionScheduler:
         self._waiting: list[Request] = []
         self._active: list[Request] = []
         self._closing = False
+        self._prefix_sessions = 0
         self._thread = threading.Thread(target=self._loop, name="llama-scheduler", daemon=True)
         self._thread.start()
 
@@ -344,6 +358,8 @@ class SessionScheduler:
             self._finish(request, "cancelled")
         still_waiting: list[Request] = []
         for request in self._waiting:
+            if request.session is None:
+                request.session = self._prefix_session(request.prompt)
             slot = self._pick_slot(request)
             if slot is None:
                 still_waiting.append(request)
@@ -359,15 +375,32 @@ class SessionScheduler:
                 return own if own.request is None else None
         if not idle:
             return None
-        anonymous = [s for s in idle if s.session is None and s.tokens]
-        if request.session is None and anonymous:
-            # Stateless clients resend whole histories: reuse the idle slot (of no
-            # session) sharing the longest prefix with this prompt, if any share much.
-            best = max(anonymous, key=lambda s: common_prefix(s.tokens, request.prompt))
-            if common_prefix(best.tokens, request.prompt) >= 16:
-                return best
         empty = [s for s in idle if not s.tokens and s.session is None]
         return empty[0] if empty else min(idle, key=lambda s: s.last_used)
+
+    def _prefix_session(self, prompt: list[int]) -> str:
+        """A name for the state of a request without a session: that of the idle state,
+        resident or parked, sharing the longest prefix with its prompt, when that prefix
+        is at least half of the state (a client resending a growing history); else new.
+
+        Session-less clients (kernel2, the Bot API, stateless OpenAI requests) resend
+        whole histories; this lets them skip what was already evaluated, like sessions.
+        """
+        candidates = [
+            (s.session, s.tokens)
+            for s in self.slots
+            if s.request is None and s.session is not None and s.session.startswith(PREFIX_SESSION)
+        ]
+        candidates += list(self.store.tokens(PREFIX_SESSION))
+        best, best_shared = None, 0
+        for session, tokens in candidates:
+            shared = common_prefix(tokens, prompt)
+            if shared > best_shared and 2 * shared >= len(tokens):
+                best, best_shared = session, shared
+        if best is not None and best_shared >= MIN_PREFIX:
+            return best
+        self._prefix_sessions += 1
+        return f"{PREFIX_SESSION}{self._prefix_sessions}"
 
     def _start(self, request: Request, slot: Slot) -> None:
         # Attention runs over every cell in use, other sequences' cells masked but still
