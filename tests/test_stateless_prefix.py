@@ -1,0 +1,50 @@
+"""Session-less requests reuse evaluated prompt state by token prefix (real model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from parlour.backends.base import ChatMessage
+from tests.test_sessions import SYSTEM, backend, reply
+
+pytestmark = pytest.mark.model
+
+QUESTIONS = (
+    "Name three animals that live in the sea.",
+    "Name three colours of the rainbow.",
+    "Name three planets of the solar system.",
+)
+
+
+async def test_interleaved_stateless_histories_reuse_their_prefixes(tmp_path: Path) -> None:
+    # Three conversations on two slots, each resending its whole history with no session,
+    # interleaved: every second turn finds its first turn's state, resident or parked.
+    async with backend(tmp_path, slots=2) as llama:
+        histories = [[SYSTEM, ChatMessage("user", q)] for q in QUESTIONS]
+        for history in histories:
+            history.append(ChatMessage("assistant", await reply(llama, history, None)))
+            history.append(ChatMessage("user", "Which one do you like best?"))
+        restored = llama.stats.restored_from_ram
+        for history in histories:
+            evaluated = llama.stats.prompt_tokens_evaluated
+            reused = llama.stats.prompt_tokens_reused
+            await reply(llama, history, None, max_tokens=4)
+            first_prompt = llama.prompt_tokens(history[:2])
+            assert llama.stats.prompt_tokens_reused - reused >= first_prompt
+            new_work = llama.stats.prompt_tokens_evaluated - evaluated
+            assert new_work <= llama.prompt_tokens(history) - first_prompt
+        assert llama.stats.restored_from_ram - restored >= 2
+
+
+async def test_an_unrelated_prompt_does_not_take_over_a_state(tmp_path: Path) -> None:
+    async with backend(tmp_path, slots=2) as llama:
+        history = [SYSTEM, ChatMessage("user", QUESTIONS[0])]
+        history.append(ChatMessage("assistant", await reply(llama, history, None)))
+        # Shares only the system prompt: less than half of the first state.
+        await reply(llama, [SYSTEM, ChatMessage("user", QUESTIONS[1] * 3)], None, max_tokens=4)
+        history.append(ChatMessage("user", "Which one do you like best?"))
+        reused = llama.stats.prompt_tokens_reused
+        await reply(llama, history, None, max_tokens=4)
+        assert llama.stats.prompt_tokens_reused - reused >= llama.prompt_tokens(history[:2])
