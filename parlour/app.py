@@ -37,6 +37,7 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
             threads=settings.llama_threads,
             state_dir=settings.data_dir / "state",
             cache_dir=settings.cache_dir,
+            models_dir=settings.models_dir,
         )
         engine = Engine(db=db, models=registry)
         owner_id = await engine.owner_id(LOCAL_OWNER)

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from .cli_admin import bot, data_options, kb, run_on_db
+from .cli_models import model
 from .settings import Settings
 
 T = TypeVar("T")
@@ -38,8 +39,8 @@ def _model_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--model",
         default=None,
-        help="Default model: a configured name, a .gguf path, or `scripted` [PARLOUR_MODEL; "
-        "the embedded SmolLM2-135M-Instruct].",
+        help="Default model: a configured name, a pulled model, a .gguf path, or `scripted` "
+        "[PARLOUR_MODEL; the embedded SmolLM2-135M-Instruct].",
     )(command)
 
 
@@ -267,3 +268,4 @@ def chat(session_key: str | None, bot_ref: str | None, **options: Any) -> None:
 
 main.add_command(bot)
 main.add_command(kb)
+main.add_command(model)

@@ -76,6 +76,11 @@ class Settings:
         return self.data_dir / "cache"
 
     @property
+    def models_dir(self) -> Path:
+        """Models pulled with `parlour model pull`."""
+        return self.data_dir / "models"
+
+    @property
     def is_loopback(self) -> bool:
         """True when the server only listens on the local machine."""
         return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")

@@ -224,6 +224,7 @@ async def chat(settings: Settings, *, session_key: str, bot_ref: str | None) -> 
                 threads=settings.llama_threads,
                 state_dir=settings.data_dir / "state",
                 cache_dir=settings.cache_dir,
+                models_dir=settings.models_dir,
             )
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
