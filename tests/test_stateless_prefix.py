@@ -1,7 +1,8 @@
-"""Session-less requests reuse evaluated prompt state by token prefix (real model)."""
+"""The embedded backend: session-less prefix reuse, and where llama.cpp's log goes (real model)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,15 @@ async def test_an_unrelated_prompt_does_not_take_over_a_state(tmp_path: Path) ->
         reused = llama.stats.prompt_tokens_reused
         await reply(llama, history, None, max_tokens=4)
         assert llama.stats.prompt_tokens_reused - reused >= llama.prompt_tokens(history[:2])
+
+
+async def test_llama_cpp_lines_go_to_debug_logging(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="parlour.llama_cpp"):
+        async with backend(tmp_path, slots=2) as llama:
+            await reply(llama, [ChatMessage("user", "Hi")], None, max_tokens=2)
+    assert "llama_context" not in capfd.readouterr().err
+    lines = [r for r in caplog.records if r.name == "parlour.llama_cpp"]
+    assert any("llama_context" in r.getMessage() for r in lines)
+    assert all(r.levelno == logging.DEBUG for r in lines)
