@@ -19,7 +19,10 @@ T = TypeVar("T")
 
 
 def _settings(**options: Any) -> Settings:
-    return Settings.from_env(**options)
+    try:
+        return Settings.from_env(**options)
+    except ValueError as exc:  # a PARLOUR_* variable that does not parse
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

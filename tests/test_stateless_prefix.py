@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from parlour.backends.base import ChatMessage
+from parlour.backends.base import ChatMessage, GenerationParams
+from parlour.backends.llama import LlamaBackend
+from parlour.models import embedded_gguf
 from tests.test_sessions import SYSTEM, backend, reply
 
 pytestmark = pytest.mark.model
@@ -61,3 +63,17 @@ async def test_llama_cpp_lines_go_to_debug_logging(
     lines = [r for r in caplog.records if r.name == "parlour.llama_cpp"]
     assert any("llama_context" in r.getMessage() for r in lines)
     assert all(r.levelno == logging.DEBUG for r in lines)
+
+
+async def test_no_sequence_grows_past_the_context_length(tmp_path: Path) -> None:
+    llama = LlamaBackend(path=embedded_gguf(), context_length=48, state_dir=tmp_path / "s")
+    await llama.load()
+    try:
+        params = GenerationParams(max_tokens=500, temperature=0.8, seed=1)
+        story = [ChatMessage("user", "Tell me a very long story about the sea.")]
+        chunks = [c async for c in llama.stream(story, params, session="long")]
+    finally:
+        await llama.close()
+    last = chunks[-1]
+    assert last.finish_reason == "length"
+    assert last.prompt_tokens + last.completion_tokens <= 48

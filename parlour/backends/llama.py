@@ -217,6 +217,9 @@ class LlamaBackend(Backend):
         self.loaded_path = path
         trained = model.n_ctx_train()
         n_ctx = min(self.requested_context or trained, trained) if trained > 0 else 4096
+        # One unified cache for every slot. llama.cpp then reports n_ctx_seq as the whole
+        # cache, but no sequence grows past n_ctx (at most the trained length): the
+        # scheduler ends a reply at n_ctx_seq=n_ctx and prompts are fitted to it first.
         cells = max(self.requested_cells or 2 * n_ctx, n_ctx)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = cells
