@@ -74,6 +74,17 @@ def test_pull_list_remove(tmp_path: Path, hub: FakeHub) -> None:
     assert missing.returncode == 1 and "parlour model list" in missing.stderr
 
 
+def test_a_dropped_download_is_completed(tmp_path: Path, hub: FakeHub) -> None:
+    data = tmp_path / "data"
+    hub.cut_after = 10_000_000
+    pulled = parlour(data, hub, "model", "pull", REF)
+    assert pulled.returncode == 0, pulled.stderr
+    assert "Trying to resume download" in pulled.stderr
+    assert [m for m, path, _ in hub.requests if m == "GET" and "/resolve/" in path] == ["GET"] * 2
+    path = data / "models" / "test-org--Tiny-Chat-GGUF" / "tiny-chat.Q4_1.gguf"
+    assert sha256(path) == sha256(embedded_gguf())
+
+
 def test_pull_refuses_bad_references_and_files(tmp_path: Path, hub: FakeHub) -> None:
     data = tmp_path / "data"
     wrong = parlour(data, hub, "model", "pull", "just-a-name")

@@ -21,11 +21,13 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 @dataclass
 class FakeHub:
     """Files served by path `owner/repo/file`; `corrupt` serves other bytes under the same
-    SHA-256; `requests` records (method, path, Range header)."""
+    SHA-256; `cut_after` ends the next whole-file GET after that many bytes (a dropped
+    connection); `requests` records (method, path, Range header)."""
 
     url: str = ""
     files: dict[str, Path] = field(default_factory=dict)
     corrupt: bool = False
+    cut_after: int | None = None
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
 
 
@@ -68,6 +70,11 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if start:
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             self.end_headers()
+            if body and not start and hub.cut_after is not None:
+                self.wfile.write(data[: hub.cut_after])
+                hub.cut_after = None
+                self.close_connection = True
+                return
             if body:
                 self.wfile.write(data[start:])
 
