@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -107,3 +108,14 @@ def test_health_check_needs_the_token_when_auth_is_on(
 ) -> None:
     server = server_factory("--model", "scripted", env={"PARLOUR_JWT_SECRET": "s" * 32})
     assert httpx.get(f"{server.url}/health-check", timeout=10).status_code == 401
+
+
+def test_seed_example_names_a_bot_that_can_exist(server: ServerProcess) -> None:
+    # The source document's first Bot API example, verbatim.
+    body = {"bot_uid": SEED_UID, "stream": True, "prompt": "Explain how to pay taxes."}
+    r = httpx.post(f"{server.url}/chat", json=body, timeout=60)
+    assert r.status_code == 200
+    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[0] == 'data: {"content":""}' and events[-1] == "data: [DONE]"
+    pieces = [json.loads(e.removeprefix("data: "))["content"] for e in events[:-1]]
+    assert "".join(pieces) == "Echo 1: Explain how to pay taxes."
