@@ -119,3 +119,13 @@ def test_seed_example_names_a_bot_that_can_exist(server: ServerProcess) -> None:
     assert events[0] == 'data: {"content":""}' and events[-1] == "data: [DONE]"
     pieces = [json.loads(e.removeprefix("data: "))["content"] for e in events[:-1]]
     assert "".join(pieces) == "Echo 1: Explain how to pay taxes."
+
+
+def test_bot_add_checks_the_uid(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    bot = ["bot", "add", "--name", "B", "--system-prompt", "x", "--data-dir", data]
+    code, _, err = run(*bot, "--slug", "b1", "--uid", "not-a-uuid")
+    assert code == 1 and "Invalid uid" in err
+    assert run(*bot, "--slug", "b1", "--uid", SEED_UID)[0] == 0
+    code, _, err = run(*bot, "--slug", "b2", "--uid", SEED_UID)
+    assert code == 1 and "already exists" in err
