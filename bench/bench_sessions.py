@@ -12,8 +12,9 @@ alternating which goes first:
 
 All three load the same weights file (the one parlour loads: by default its converted copy of
 the embedded GGUF; with --model, that file as is) with parlour's threads and flash-attention
-setting. parlour gets only each turn's new message with `x-session-key`; llama_cpp.server gets
-the whole history every turn, as a stateless server needs. Both stream, at temperature 0 with
+setting. parlour gets only each turn's new message with `x-session-key`; "parlour stateless"
+(the same server, PARLOUR_SESSIONLESS=stateless) and llama_cpp.server get the whole history
+every turn without a session, as a stateless server needs. Both stream, at temperature 0 with
 the same repeat penalty (parlour's default, 1.1). The peer runs from a bench-only virtualenv
 under bench/.peers/ made from pip's cached llama-cpp-python wheel (never built from source);
 without that wheel it falls back to the project's own environment and says so.
@@ -320,6 +321,13 @@ class Peer(Target):
         return reply
 
 
+class ParlourStateless(Peer):
+    """parlour with no session (PARLOUR_SESSIONLESS=stateless): the whole history every turn,
+    like the peer; the embedded backend reuses evaluated state by token prefix."""
+
+    name = "parlour stateless"
+
+
 # -- processes ---------------------------------------------------------------------------
 
 
@@ -483,6 +491,8 @@ def parlour_server(setup: Setup, workdir: Path) -> Iterator[str]:
     """`parlour serve` with the model on a temp data directory."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARLOUR_")}
     env["PARLOUR_LLAMA_THREADS"] = str(setup.threads)
+    # Requests without x-session-key (the stateless target) are answered, not refused.
+    env["PARLOUR_SESSIONLESS"] = "stateless"
     command = [
         sys.executable,
         "-m",
@@ -840,7 +850,7 @@ def print_targets(summary: Summary, streams: int, turns: int) -> None:
         return "met" if ok else "MISSED"
 
     print("\nTargets (benchmarks, not assertions)\n")
-    for name in (Parlour.name, Peer.name):
+    for name in (Parlour.name, ParlourStateless.name, Peer.name):
         got = summary.get(name, {})
         lines = []
         if "of raw" in got:
@@ -900,7 +910,11 @@ async def main() -> None:
             peer_server(python, setup, workdir) as peer_url,
         ):
             print(setup.describe())
-            targets: list[Target] = [Parlour(parlour_url), Peer(peer_url)]
+            targets: list[Target] = [
+                Parlour(parlour_url),
+                ParlourStateless(parlour_url),
+                Peer(peer_url),
+            ]
             for target in targets:  # warm-up: first-request setup, page cache
                 await single(target, 8)
             if "single" in args.parts:

@@ -155,19 +155,37 @@ async def list_bots(session: AsyncSession) -> list[BotView]:
     return [BotView(bot, kb) for bot, kb in rows]
 
 
+async def chosen_uid(session: AsyncSession, value: Any) -> uuid.UUID:
+    """The uid a new bot asks for (a new random one when None), checked to be free."""
+    if value is None:
+        return uuid.uuid4()
+    try:
+        uid = value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    except ValueError:
+        raise InvalidRequest(
+            f"Invalid uid {value!r}: give a UUID like edf826b8-1b75-4f57-bd26-641c897f9c1e.",
+            param="uid",
+        ) from None
+    if await session.get(Bot, uid) is not None:
+        raise Conflict(f"A bot with uid {uid} already exists.", param="uid")
+    return uid
+
+
 async def create_bot(session: AsyncSession, values: Mapping[str, Any]) -> BotView:
     """A new bot. `slug`, `name` and `system_prompt` are required; the L0 flag defaults to
     on when a knowledge base is given."""
     missing = [f for f in ("slug", "name", "system_prompt") if values.get(f) is None]
     if missing:
         raise InvalidRequest(f"Missing {', '.join(missing)} for the new bot.", param=missing[0])
-    clean = {field: _check(field, value) for field, value in values.items()}
+    uid = await chosen_uid(session, values.get("uid"))
+    clean = {field: _check(field, value) for field, value in values.items() if field != "uid"}
     if await session.scalar(select(Bot.uid).where(Bot.slug == clean["slug"])) is not None:
         raise Conflict(f"A bot with slug {clean['slug']!r} already exists.", param="slug")
     kb = clean.get("kb")
     l0 = clean.get("enable_l0_retrieval")
     now = utcnow()
     bot = Bot(
+        uid=uid,
         slug=clean["slug"],
         name=clean["name"],
         description=clean.get("description") or "",

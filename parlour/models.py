@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import pulled
 from .backends.base import Backend
 from .errors import InvalidRequest, ModelNotFound, ModelNotReady
 
@@ -62,18 +63,21 @@ def embedded_spec() -> ModelSpec:
     return ModelSpec(name=EMBEDDED_NAME, backend="llama", aliases=EMBEDDED_ALIASES)
 
 
-def spec_from_argument(value: str) -> ModelSpec:
-    """A model named on the command line: `scripted`, a GGUF path, or the embedded name."""
+def spec_from_argument(value: str, models_dir: Path | None = None) -> ModelSpec:
+    """A model named on the command line: `scripted`, a pulled model, a GGUF path, or the
+    embedded name."""
     if value == "scripted":
         return ModelSpec(name="scripted", backend="scripted")
+    if models_dir is not None and (found := pulled.find(models_dir, value)) is not None:
+        return ModelSpec(name=found.name, backend="llama", path=found.path)
     if value.endswith(".gguf"):
         path = Path(value).expanduser()
         return ModelSpec(name=path.stem, backend="llama", path=path)
     if value in (EMBEDDED_NAME, *EMBEDDED_ALIASES):
         return embedded_spec()
     raise InvalidRequest(
-        f"unknown model {value!r}: name a model from the config file, a .gguf path, "
-        f"`scripted`, or {EMBEDDED_NAME}"
+        f"unknown model {value!r}: name a model from the config file, a pulled model "
+        f"(`parlour model list`), a .gguf path, `scripted`, or {EMBEDDED_NAME}"
     )
 
 

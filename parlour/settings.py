@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+SESSIONLESS_MODES = ("reject", "stateless")
 
 
 def default_data_dir() -> Path:
@@ -39,6 +40,18 @@ class Settings:
     jwt_public_key: Path | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+    #: What /v1/chat/completions does with a request that names no session: "reject"
+    #: (400) or "stateless" (the request's messages are the whole context).
+    sessionless: str = "reject"
+    #: Take the OpenAI `user` field as the session key when no other carrier names one.
+    session_from_user: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sessionless not in SESSIONLESS_MODES:
+            raise ValueError(
+                f"PARLOUR_SESSIONLESS must be one of {', '.join(SESSIONLESS_MODES)}, "
+                f"not {self.sessionless!r}."
+            )
 
     @property
     def resolved_database_url(self) -> str:
@@ -61,6 +74,11 @@ class Settings:
     def cache_dir(self) -> Path:
         """Derived files (converted model weights), rebuilt when missing; safe to delete."""
         return self.data_dir / "cache"
+
+    @property
+    def models_dir(self) -> Path:
+        """Models pulled with `parlour model pull`."""
+        return self.data_dir / "models"
 
     @property
     def is_loopback(self) -> bool:
@@ -119,7 +137,7 @@ OPTIONS: dict[str, Option] = {
     "model": Option(
         "PARLOUR_MODEL",
         str,
-        "Default model: a configured name, a .gguf path, or `scripted`.",
+        "Default model: a configured name, a pulled model, a .gguf path, or `scripted`.",
         "the embedded SmolLM2-135M-Instruct",
     ),
     "config": Option("PARLOUR_CONFIG", Path, "TOML file declaring models."),
@@ -147,4 +165,12 @@ OPTIONS: dict[str, Option] = {
     ),
     "jwt_issuer": Option("PARLOUR_JWT_ISSUER", str, "Required `iss` of JWTs."),
     "jwt_audience": Option("PARLOUR_JWT_AUDIENCE", str, "Required `aud` of JWTs."),
+    "sessionless": Option(
+        "PARLOUR_SESSIONLESS",
+        lambda raw: raw.strip().lower(),
+        "OpenAI requests without a session: `reject` (400) or `stateless`.",
+    ),
+    "session_from_user": Option(
+        "PARLOUR_SESSION_FROM_USER", _bool, "Take the session from the OpenAI `user` field."
+    ),
 }

@@ -141,3 +141,15 @@ async def test_admin_routes_need_an_admin_key(app: FastAPI, client: httpx.AsyncC
     kernel2 = await client.post("/api/kernel2/chat", json={"messages": []})
     assert kernel2.status_code == 401
     assert kernel2.json()["success"] is False and kernel2.json()["code"] == 401
+
+
+async def test_bot_with_a_chosen_uid(client: httpx.AsyncClient) -> None:
+    uid = "edf826b8-1b75-4f57-bd26-641c897f9c1e"
+    body = {"uid": uid, "slug": "seed", "name": "Seed", "system_prompt": "x"}
+    made = await client.post("/admin/bots", json=body)
+    assert made.status_code == 201 and made.json()["uid"] == uid
+    again = await client.post("/admin/bots", json={**body, "slug": "seed-two"})
+    assert again.status_code == 409 and uid in again.json()["detail"]
+    bad = await client.post("/admin/bots", json={**body, "uid": "not-a-uuid", "slug": "x"})
+    assert bad.status_code == 422
+    assert (await client.get(f"/admin/bots/{uid}")).json()["slug"] == "seed"

@@ -299,6 +299,7 @@ async def test_list_bots(client: httpx.AsyncClient) -> None:
             "description": "Tax help",
             "model": "scripted",  # an unknown model name is served by the default
             "welcome_message": "Ask me!",
+            "avatar_url": None,
         }
     ]
 

@@ -71,7 +71,10 @@ async def app_with(settings: Settings) -> AsyncIterator[StartApp]:
 
 MISSING_KEY = {
     "error": {
-        "message": "Missing required header: x-session-key",
+        "message": "Missing required header: x-session-key. Send the session in the "
+        "x-session-key header or a `session_id` body field, or start the server with "
+        "PARLOUR_SESSIONLESS=stateless to answer requests without a session from their "
+        "messages alone.",
         "type": "invalid_request_error",
         "param": "x-session-key",
         "code": "missing_session_key",

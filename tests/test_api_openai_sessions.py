@@ -160,6 +160,7 @@ async def test_full_history_from_the_client_is_not_duplicated(
 async def test_user_messages_after_the_last_assistant_form_the_turn(
     app: FastAPI, client: httpx.AsyncClient, scripted: ScriptedBackend
 ) -> None:
+    await reply(client, "s", user("hello"))
     await reply(
         client,
         "s",
@@ -168,12 +169,54 @@ async def test_user_messages_after_the_last_assistant_form_the_turn(
         user("part one"),
         user("part two"),
     )
-    assert sent(scripted) == [("user", "part one\n\npart two")]
+    # The session has messages: what the client resends before its last assistant
+    # message is ignored, and the server's own history is used.
+    assert sent(scripted) == [
+        ("user", "hello"),
+        ("assistant", "Echo 1: hello"),
+        ("user", "part one\n\npart two"),
+    ]
     messages = await stored(app, await by_key(app, "s"))
     assert [(m.role, m.content) for m in messages] == [
+        ("user", "hello"),
+        ("assistant", "Echo 1: hello"),
         ("user", "part one\n\npart two"),
-        ("assistant", "Echo 1: part one\n\npart two"),
+        ("assistant", "Echo 2: part one\n\npart two"),
     ]
+
+
+async def test_a_new_session_stores_the_history_the_client_sends(
+    app: FastAPI, client: httpx.AsyncClient, scripted: ScriptedBackend
+) -> None:
+    await reply(
+        client,
+        "ada",
+        {"role": "system", "content": "Be brief."},
+        user("My name is Ada."),
+        {"role": "assistant", "content": "Nice to meet you, Ada!"},
+        user("What is my name?"),
+    )
+    history = [
+        ("user", "My name is Ada."),
+        ("assistant", "Nice to meet you, Ada!"),
+        ("user", "What is my name?"),
+    ]
+    assert sent(scripted) == [("system", "Be brief."), *history]
+    messages = await stored(app, await by_key(app, "ada"))
+    assert [(m.role, m.content) for m in messages] == [
+        *history,
+        ("assistant", "Echo 2: What is my name?"),
+    ]
+    assert all(m.token_count > 0 for m in messages)
+    # From then on the stored messages are the context; the resent ones are not stored twice.
+    resent = [{"role": r, "content": c} for r, c in history]
+    await reply(client, "ada", *resent, {"role": "assistant", "content": "Echo 2"}, user("And?"))
+    assert [content for _, content in sent(scripted)][-3:] == [
+        "What is my name?",
+        "Echo 2: What is my name?",
+        "And?",
+    ]
+    assert len(await stored(app, await by_key(app, "ada"))) == 6
 
 
 async def test_system_message_sets_the_session_prompt(

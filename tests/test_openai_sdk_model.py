@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from .conftest import ServerProcess
 
@@ -124,3 +125,25 @@ def test_streamed_turns(sdk: openai.OpenAI, model_server: ServerProcess) -> None
 def test_list_models(sdk: openai.OpenAI) -> None:
     ids = [model.id for model in sdk.models.list()]
     assert EMBEDDED in ids
+
+
+def test_new_session_takes_the_history_it_is_sent(model_server: ServerProcess) -> None:
+    ada: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Nice to meet you, Ada!"},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    with sdk_client(model_server, "sdk:ada") as client:
+        whole = client.chat.completions.create(model=EMBEDDED, messages=ada, max_tokens=8)
+    with sdk_client(model_server, "sdk:ada-last-only") as client:
+        last = client.chat.completions.create(model=EMBEDDED, messages=ada[2:], max_tokens=8)
+    assert whole.usage is not None and last.usage is not None
+    # The model read all three messages, not only the last one.
+    assert whole.usage.prompt_tokens > last.usage.prompt_tokens + 10
+    rows = model_server.rows(
+        "SELECT m.role, m.content FROM messages m JOIN conversations c "
+        "ON c.id = m.conversation_id WHERE c.session_key = ? ORDER BY m.position",
+        "sdk:ada",
+    )
+    assert [(r["role"], r["content"]) for r in rows][:3] == [(m["role"], m["content"]) for m in ada]
+    assert len(rows) == 4

@@ -230,9 +230,12 @@ def test_example_7_missing_session_key_is_400(model_server: ServerProcess) -> No
     result = run_seed(7, model_server)
     assert result.status == 400
     assert result.headers["content-type"].startswith("application/json")
+    error = result.json()["error"]
+    assert error["message"].startswith("Missing required header: x-session-key.")
+    assert "session_id" in error["message"] and "PARLOUR_SESSIONLESS=stateless" in error["message"]
     assert result.json() == {
         "error": {
-            "message": "Missing required header: x-session-key",
+            "message": error["message"],
             "type": "invalid_request_error",
             "param": "x-session-key",
             "code": "missing_session_key",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import defaultdict
 from datetime import date
 from typing import Annotated, Any
 
@@ -37,6 +38,7 @@ class BotCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    uid: uuid.UUID | None = Field(default=None, description="Default: a new random uid.")
     slug: str
     name: str
     system_prompt: str
@@ -348,4 +350,51 @@ async def get_usage(
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         },
+    }
+
+
+class StatisticsRequest(BaseModel):
+    """The aBLT SDK's usage-statistics query; user_id -1 means every user."""
+
+    user_id: int = -1
+    start_date: date
+    end_date: date
+
+
+_STAT_FIELDS = ("original", "enchancement", "response", "total")
+
+
+def _statistics(prompt: int, completion: int) -> dict[str, int]:
+    # The aBLT names: original = prompt, response = completion; parlour adds no
+    # enhancement tokens and counts no words.
+    tokens = {"original": prompt, "enchancement": 0, "response": completion}
+    tokens["total"] = prompt + completion
+    return {
+        **{f"{k}_tokens": tokens[k] for k in _STAT_FIELDS},
+        **{f"{k}_words": 0 for k in _STAT_FIELDS},
+    }
+
+
+@usage_router.post(
+    "/v1/user/usage-statistics", summary="Token totals per day in the aBLT SDK's shape."
+)
+async def usage_statistics(
+    body: StatisticsRequest, session: ReadSession, admin: AdminDep
+) -> dict[str, Any]:
+    """Bot API usage totals of one end user (or all, with -1) per day, and overall."""
+    rows = await usage.totals(
+        session,
+        since=body.start_date,
+        until=body.end_date,
+        user_id=None if body.user_id == -1 else str(body.user_id),
+    )
+    days: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for row in rows:
+        days[row.day][0] += row.prompt_tokens
+        days[row.day][1] += row.completion_tokens
+    return {
+        "total": _statistics(
+            sum(r.prompt_tokens for r in rows), sum(r.completion_tokens for r in rows)
+        ),
+        "items": [{**_statistics(p, c), "date": day} for day, (p, c) in sorted(days.items())],
     }

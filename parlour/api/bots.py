@@ -161,3 +161,11 @@ async def list_bots(session: ReadSession, models: ModelsDep, principal: Principa
     """Every bot's uid, slug, name, description, model and welcome message."""
     found = await queries.list_bots(session)
     return [public(bot, model_name(models, bot.model)) for bot in found]
+
+
+@router.get("/health-check", summary="The aBLT SDK's readiness check: status ok once ready.")
+async def health_check(models: ModelsDep, principal: PrincipalDep) -> JSONResponse:
+    """`{"status": "ok"}` once the default model can answer (checks the token too)."""
+    if models.ready:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "loading"}, status_code=503)

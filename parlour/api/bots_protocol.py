@@ -287,4 +287,6 @@ def public(bot: Bot, model: str) -> dict[str, Any]:
         "description": bot.description,
         "model": model,
         "welcome_message": bot.welcome_message,
+        # The aBLT SDK's BotSchema requires the field; parlour's bots have no avatars.
+        "avatar_url": None,
     }

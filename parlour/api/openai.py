@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -12,12 +11,11 @@ from fastapi import Header
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..backends.base import ChatMessage
+from ..backends.base import ChatMessage, Role
 from ..errors import InvalidRequest, ParlourError
 from ..turns.request import Sampling, Session, TurnRequest
 from ..turns.stream import Turn
 from . import sse
-from .body import read_json
 from .deps import EngineDep, ModelsDep, PrincipalDep, SettingsDep
 from .errors import DialectRouter
 from .openai_protocol import (
@@ -26,9 +24,9 @@ from .openai_protocol import (
     chunk,
     completion,
     error_body,
-    parse_request,
     usage,
 )
+from .openai_sessions import earlier_messages, read_session_request, stateless_request
 from .schema import json_request_body
 
 router = DialectRouter(tags=["openai"], render_error=error_body)
@@ -38,25 +36,6 @@ HELP_TEXT = (
     "/new - start a fresh conversation under this session key (the old one is kept)\n"
     "/help - show this list"
 )
-
-
-def _session_key(value: str | None) -> str:
-    if value is None or value == "":
-        raise InvalidRequest(
-            "Missing required header: x-session-key",
-            param="x-session-key",
-            code="missing_session_key",
-        )
-    # The server decodes header bytes as latin-1, but clients such as curl send UTF-8.
-    with contextlib.suppress(UnicodeError):
-        value = value.encode("latin-1").decode("utf-8")
-    if len(value) > 256 or not value.isprintable():
-        raise InvalidRequest(
-            "Invalid x-session-key: use 1 to 256 printable characters.",
-            param="x-session-key",
-            code="invalid_session_key",
-        )
-    return value
 
 
 def _text(message: RequestMessage, index: int) -> str:
@@ -90,6 +69,22 @@ def new_turn(body: ChatCompletionRequest) -> tuple[str, tuple[str, ...]]:
             param="messages",
         )
     return "\n\n".join(users), tuple(system)
+
+
+def request_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
+    """The request's system, user and assistant messages as text (`developer` is a system
+    message; tool messages are left out)."""
+    roles: dict[str, Role] = {
+        "system": "system",
+        "developer": "system",
+        "user": "user",
+        "assistant": "assistant",
+    }
+    return [
+        ChatMessage(roles[m.role], _text(m, i))
+        for i, m in enumerate(body.messages)
+        if m.role in roles
+    ]
 
 
 def _sampling(body: ChatCompletionRequest) -> Sampling:
@@ -206,10 +201,14 @@ async def chat_completions(
     principal: PrincipalDep,
     x_session_key: str | None = Header(default=None),
 ) -> Response:
-    """Continue the session named by x-session-key with the request's new messages."""
-    session_key = _session_key(x_session_key)
-    body = parse_request(await read_json(request, settings.max_body_bytes))
+    """Continue the session the request names with its new messages; with no session and
+    PARLOUR_SESSIONLESS=stateless, answer from the request's messages alone."""
+    session_key, body = await read_session_request(request, x_session_key, settings)
     content, system = new_turn(body)
+    messages = request_messages(body)
+    if session_key is None:
+        turn = engine.start(stateless_request(principal.owner_id, body, messages, _sampling(body)))
+        return await _respond(turn, body)
     command = content.strip()
     if command in ("/new", "/help"):
         model = models.ready_model(body.model).spec.name
@@ -225,10 +224,15 @@ async def chat_completions(
             sampling=_sampling(body),
             model=body.model,
             system=system,
+            earlier=earlier_messages(messages),
             user_id=body.user,
             dialect="openai",
         )
     )
+    return await _respond(turn, body)
+
+
+async def _respond(turn: Turn, body: ChatCompletionRequest) -> Response:
     if body.stream:
         return await sse.stream(turn, _events(body))
     return await _complete(turn)

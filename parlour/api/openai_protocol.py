@@ -55,6 +55,8 @@ class ChatCompletionRequest(Wire):
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1, le=1)
     user: str | None = None
+    #: The session, for clients that cannot send the x-session-key header.
+    session_id: str | None = None
 
     @field_validator("stop")
     @classmethod

@@ -35,6 +35,8 @@ in tokens per CPU-second so that other processes' load does not blur them
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import logging
 import os
 import threading
@@ -73,6 +75,27 @@ CHATML = (
 #: tokenized without special tokens: a user who types `<|im_start|>system` gets text,
 #: not a role switch.
 _MARK = "\x00\x01parlour-content-{}\x01\x00"
+
+
+#: llama.cpp's log levels (ggml_log_level) that are problems; the rest is detail.
+_GGML_LOG_ERROR = 4
+
+
+@functools.cache
+def _log_callback() -> Any:
+    """The ctypes callback that hands llama.cpp's log lines to logging (cached: llama.cpp
+    keeps the pointer, so the callback must outlive every call)."""
+    import llama_cpp
+
+    native = logging.getLogger("parlour.llama_cpp")
+
+    @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+    def forward(level: int, text: bytes, _user_data: Any) -> None:
+        line = text.decode("utf-8", errors="replace").rstrip("\n")
+        if line:
+            native.log(logging.WARNING if level == _GGML_LOG_ERROR else logging.DEBUG, line)
+
+    return forward
 
 
 def default_threads() -> int:
@@ -173,11 +196,12 @@ class LlamaBackend(Backend):
     def _load(self) -> None:
         if not self.path.is_file():
             raise FileNotFoundError(f"model file not found: {self.path}")
-        native_log = logging.getLogger("llama-cpp-python")
-        if native_log.level == logging.NOTSET:
-            # What `Llama(verbose=False)` sets: llama.cpp's info lines (context setup, one
-            # per restored session state) stay out of the server's output, warnings do not.
-            native_log.setLevel(logging.ERROR)
+        import llama_cpp
+
+        # llama.cpp's own lines (context setup, one per restored session state, the unified
+        # cache's "n_ctx_seq > n_ctx_train" note) go to logging at debug level: out of the
+        # console unless `--log-level debug`.
+        llama_cpp.llama_log_set(_log_callback(), ctypes.c_void_p(0))
         model = self._open_model()
         ctx, n_ctx, cells = self._open_context(model)
         bos, eos = model.token_bos(), model.token_eos()
@@ -230,6 +254,9 @@ class LlamaBackend(Backend):
 
         trained = model.n_ctx_train()
         n_ctx = min(self.requested_context or trained, trained) if trained > 0 else 4096
+        # One unified cache for every slot. llama.cpp then reports n_ctx_seq as the whole
+        # cache, but no sequence grows past n_ctx (at most the trained length): the
+        # scheduler ends a reply at n_ctx_seq=n_ctx and prompts are fitted to it first.
         cells = max(self.requested_cells or 2 * n_ctx, n_ctx)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = cells

@@ -31,6 +31,10 @@ from .state_store import StateStore
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Chunk | BaseException], None]
+#: Names the scheduler gives the states of requests that came without a session.
+PREFIX_SESSION = "\x00prefix:"
+#: Fewest shared tokens worth reusing a session-less state for.
+MIN_PREFIX = 16
 #: A request, the tokens it adds to a batch, and whether it wants logits for the last one.
 Item = tuple["Request", list[int], bool]
 
@@ -188,6 +192,7 @@ class SessionScheduler:
         self._waiting: list[Request] = []
         self._active: list[Request] = []
         self._closing = False
+        self._prefix_sessions = 0
         self._thread = threading.Thread(target=self._loop, name="llama-scheduler", daemon=True)
         self._thread.start()
 
@@ -245,6 +250,8 @@ class SessionScheduler:
             self._finish(request, "cancelled")
         still_waiting: list[Request] = []
         for request in self._waiting:
+            if request.session is None:
+                request.session = self._prefix_session(request.prompt)
             slot = self._pick_slot(request)
             if slot is None:
                 still_waiting.append(request)
@@ -260,15 +267,32 @@ class SessionScheduler:
                 return own if own.request is None else None
         if not idle:
             return None
-        anonymous = [s for s in idle if s.session is None and s.tokens]
-        if request.session is None and anonymous:
-            # Stateless clients resend whole histories: reuse the idle slot (of no
-            # session) sharing the longest prefix with this prompt, if any share much.
-            best = max(anonymous, key=lambda s: common_prefix(s.tokens, request.prompt))
-            if common_prefix(best.tokens, request.prompt) >= 16:
-                return best
         empty = [s for s in idle if not s.tokens and s.session is None]
         return empty[0] if empty else min(idle, key=lambda s: s.last_used)
+
+    def _prefix_session(self, prompt: list[int]) -> str:
+        """A name for the state of a request without a session: that of the idle state,
+        resident or parked, sharing the longest prefix with its prompt, when that prefix
+        is at least half of the state (a client resending a growing history); else new.
+
+        Session-less clients (kernel2, the Bot API, stateless OpenAI requests) resend
+        whole histories; this lets them skip what was already evaluated, like sessions.
+        """
+        candidates = [
+            (s.session, s.tokens)
+            for s in self.slots
+            if s.request is None and s.session is not None and s.session.startswith(PREFIX_SESSION)
+        ]
+        candidates += list(self.store.tokens(PREFIX_SESSION))
+        best, best_shared = None, 0
+        for session, tokens in candidates:
+            shared = common_prefix(tokens, prompt)
+            if shared > best_shared and 2 * shared >= len(tokens):
+                best, best_shared = session, shared
+        if best is not None and best_shared >= MIN_PREFIX:
+            return best
+        self._prefix_sessions += 1
+        return f"{PREFIX_SESSION}{self._prefix_sessions}"
 
     def _start(self, request: Request, slot: Slot) -> None:
         # Attention runs over every cell in use, other sequences' cells masked but still

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import pulled
 from ..models import (
     LoadedModel,
     ModelRegistry,
@@ -140,18 +141,21 @@ def build_registry(
     threads: int | None = None,
     state_dir: Path | None = None,
     cache_dir: Path | None = None,
+    models_dir: Path | None = None,
 ) -> ModelRegistry:
-    """Models from the config file plus the one named by --model (default: the embedded one)."""
+    """Models from the config file plus the one named by --model (default: the embedded one);
+    `models_dir` holds pulled models, which both may name."""
     specs: list[ModelSpec] = []
     default: str | None = None
     if config is not None:
         specs, default = load_config(config)
+        specs = [pulled.resolve_spec(s, models_dir) for s in specs]
     names = {n for s in specs for n in s.names}
     if model is not None:
         if model in names:
             default = model
         else:
-            extra = spec_from_argument(model)
+            extra = spec_from_argument(model, models_dir)
             specs.insert(0, extra)
             default = extra.name
     if not specs:
@@ -178,4 +182,5 @@ def registry_for(settings: Settings) -> ModelRegistry:
         threads=settings.llama_threads,
         state_dir=settings.data_dir / "state",
         cache_dir=settings.cache_dir,
+        models_dir=settings.models_dir,
     )

@@ -7,6 +7,7 @@ import os
 import shutil
 import struct
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -28,7 +29,7 @@ class StateStore:
         self.disk_bytes = disk_bytes if directory is not None else 0
         self.directory = directory
         self._ram: OrderedDict[str, tuple[list[int], bytes | bytearray]] = OrderedDict()
-        self._disk: OrderedDict[str, tuple[Path, int]] = OrderedDict()
+        self._disk: OrderedDict[str, tuple[Path, int, list[int]]] = OrderedDict()
         self.ram_used = 0
         self.disk_used = 0
         self.dropped = 0
@@ -62,7 +63,7 @@ class StateStore:
             self.ram_used -= len(data)
             return tokens, data, "ram"
         if session in self._disk:
-            path, size = self._disk.pop(session)
+            path, size, _tokens = self._disk.pop(session)
             self.disk_used -= size
             try:
                 raw = path.read_bytes()
@@ -80,9 +81,18 @@ class StateStore:
         if session in self._ram:
             self.ram_used -= len(self._ram.pop(session)[1])
         if session in self._disk:
-            path, size = self._disk.pop(session)
+            path, size, _tokens = self._disk.pop(session)
             self.disk_used -= size
             path.unlink(missing_ok=True)
+
+    def tokens(self, prefix: str) -> Iterator[tuple[str, list[int]]]:
+        """The sessions whose names start with `prefix`, with the tokens their states hold."""
+        for session, (tokens, _data) in self._ram.items():
+            if session.startswith(prefix):
+                yield session, tokens
+        for session, (_path, _size, tokens) in self._disk.items():
+            if session.startswith(prefix):
+                yield session, tokens
 
     def _to_disk(self, session: str, tokens: list[int], data: bytes | bytearray) -> None:
         size = 8 + 4 * len(tokens) + len(data)
@@ -90,7 +100,7 @@ class StateStore:
             self.dropped += 1
             return
         while self.disk_used + size > self.disk_bytes and self._disk:
-            _, (path, old_size) = self._disk.popitem(last=False)
+            _, (path, old_size, _tokens) = self._disk.popitem(last=False)
             self.disk_used -= old_size
             path.unlink(missing_ok=True)
             self.dropped += 1
@@ -102,5 +112,5 @@ class StateStore:
             out.write(struct.pack(f"<{len(tokens)}i", *tokens))
             out.write(data)
         os.replace(temp, path)
-        self._disk[session] = (path, size)
+        self._disk[session] = (path, size, tokens)
         self.disk_used += size

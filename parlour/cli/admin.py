@@ -140,12 +140,13 @@ def _show(view: bots.BotView) -> None:
 
 @bot.command("add")
 @bot_options(creating=True)
+@click.option("--uid", default=None, help="The bot's uid [default: a new random one].")
 @data_options
 def bot_add(**options: Any) -> None:
     """Create a bot and print its uid."""
 
     async def work(session: AsyncSession) -> bots.BotView:
-        return await bots.create_bot(session, _fields(options))
+        return await bots.create_bot(session, {**_fields(options), "uid": options["uid"]})
 
     click.echo(str(in_session(options, work).bot.uid))
 

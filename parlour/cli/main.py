@@ -13,12 +13,16 @@ import click
 
 from ..settings import Settings
 from .admin import bot, data_options, kb, run_on_db, setting
+from .models import model
 
 T = TypeVar("T")
 
 
 def _settings(**options: Any) -> Settings:
-    return Settings.from_env(**options)
+    try:
+        return Settings.from_env(**options)
+    except ValueError as exc:  # a PARLOUR_* variable that does not parse
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -237,3 +241,4 @@ def chat(session_key: str | None, bot_ref: str | None, **options: Any) -> None:
 
 main.add_command(bot)
 main.add_command(kb)
+main.add_command(model)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Table, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -16,6 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from .db import TransactionConnection
 from .direct import Direct, Prepared
 from .tables import Bot, Conversation, Message, Owner, utcnow
+
+if TYPE_CHECKING:
+    from ..backends.base import ChatMessage
 
 LOCAL_OWNER = "local"
 
@@ -164,6 +167,29 @@ async def recent_history(
     history = cast(list[tuple[str, str, int]], [tuple(r) for r in rows])
     history.reverse()
     return history
+
+
+async def import_history(
+    conn: TransactionConnection,
+    conversation_id: uuid.UUID,
+    messages: Sequence[ChatMessage],
+    *,
+    count: Callable[[str], int],
+    now: datetime,
+) -> int:
+    """Store a client's earlier messages as the history of a conversation that has none
+    (the caller holds its turn lock); return the last position written."""
+    for position, message in enumerate(messages):
+        await insert_message(
+            conn,
+            conversation_id=conversation_id,
+            position=position,
+            role=message.role,
+            content=message.content,
+            token_count=count(message.content),
+            now=now,
+        )
+    return len(messages) - 1
 
 
 async def insert_message(

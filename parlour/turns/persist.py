@@ -67,6 +67,14 @@ async def open_turn(engine: Core, request: TurnRequest, conversation_id: Any) ->
         hits = await retrieve(engine.db, request, bot, [request.new])
         keep = plan.backend.context_length - plan.reserve
         last = last_position if last_position is not None else -1
+        if last_position is None and request.earlier:
+            last = await queries.import_history(
+                conn,
+                conversation.id,
+                request.earlier,
+                count=plan.backend.count_tokens,
+                now=utcnow(),
+            )
         rows = engine.history.get(conversation.id, last, keep)
         loaded = rows is None
         if rows is None:

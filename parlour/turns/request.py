@@ -82,6 +82,9 @@ class TurnRequest:
     #: A max_tokens larger than half the window is lowered instead of reserved in full
     #: (the stateless dialects' rule; the others refuse a prompt that leaves no room).
     shrink_reply: bool = False
+    #: Messages the client sent before this one: stored as the conversation's history when
+    #: it has no messages yet (a new session), ignored otherwise.
+    earlier: tuple[ChatMessage, ...] = ()
     #: Recorded with the usage figures.
     user_id: str | None = None
     dialect: str | None = None
