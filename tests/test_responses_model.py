@@ -1,0 +1,39 @@
+"""Responses with the real embedded model: a chain reuses its prompt state, and says so."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from .conftest import ServerProcess
+
+pytestmark = pytest.mark.model
+
+
+def test_follow_up_reports_the_reused_prompt_as_cached(model_server: ServerProcess) -> None:
+    client = openai.OpenAI(
+        base_url=f"{model_server.url}/v1", api_key="unused", max_retries=0, timeout=120
+    )
+    first = client.responses.create(input="Name three colours.", max_output_tokens=16)
+    second = client.responses.create(
+        input="Now name three animals.", previous_response_id=first.id, max_output_tokens=16
+    )
+    assert first.usage is not None and second.usage is not None
+    assert first.usage.input_tokens_details.cached_tokens == 0
+    cached = second.usage.input_tokens_details.cached_tokens
+    # Everything the first response evaluated is still in the chain's state; the new
+    # turn adds only its own tokens.
+    assert first.usage.input_tokens - 2 <= cached < second.usage.input_tokens
+    third = client.responses.create(
+        input="And three fruits.", previous_response_id=second.id, max_output_tokens=16
+    )
+    assert third.usage is not None
+    assert third.usage.input_tokens_details.cached_tokens >= second.usage.input_tokens - 2
+    print(
+        "cached_tokens:",
+        [
+            (r.usage.input_tokens, r.usage.input_tokens_details.cached_tokens)
+            for r in (first, second, third)
+            if r.usage
+        ],
+    )
