@@ -285,7 +285,7 @@ async def delete_response(
 ) -> dict[str, Any]:
     """Hide a response; responses that continue it keep their context."""
     row = await _owned(runner, principal.owner_id, response_id)
-    runner.cancel_here(row.id)
+    await runner.hub.request_cancel(row.id)
     async with runner.db.session() as session, session.begin():
         await store.delete_response(session, row.id)
     return {"id": row.id, "object": "response.deleted", "deleted": True}
