@@ -29,11 +29,14 @@ def test_follow_up_reports_the_reused_prompt_as_cached(model_server: ServerProce
     )
     assert third.usage is not None
     assert third.usage.input_tokens_details.cached_tokens >= second.usage.input_tokens - 2
-    print(
-        "cached_tokens:",
-        [
-            (r.usage.input_tokens, r.usage.input_tokens_details.cached_tokens)
-            for r in (first, second, third)
-            if r.usage
-        ],
+    # A fork of the first response shares its prefix with the state the chain left.
+    fork = client.responses.create(
+        input="Now name three trees.", previous_response_id=first.id, max_output_tokens=16
     )
+    assert fork.usage is not None
+    assert fork.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens - 2
+    # A conversation reuses its state the same way.
+    conversation = client.conversations.create()
+    client.responses.create(input="Hello there.", conversation=conversation.id)
+    again = client.responses.create(input="How are you?", conversation=conversation.id)
+    assert again.usage is not None and again.usage.input_tokens_details.cached_tokens > 0

@@ -4,7 +4,6 @@ keep them in the store's event log, which every stream (live or resumed) reads."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -229,6 +228,7 @@ class ResponseRunner:
 
     async def follow(self, response_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
         """The logged events after `after`, then new ones as they are written, to the end."""
+        ended = False
         while True:
             with self.hub.waiter(response_id) as woken:
                 async with self.db.read() as session, session.begin():
@@ -238,9 +238,20 @@ class ResponseRunner:
                     after = item["sequence_number"]
                     if item["type"] in TERMINAL_EVENTS:
                         return
-                if not events:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(woken.wait(), POLL_SECONDS)
+                if events:
+                    continue
+                if ended:  # read once more after it ended: nothing was left
+                    return
+                try:
+                    await asyncio.wait_for(woken.wait(), POLL_SECONDS)
+                except TimeoutError:
+                    ended = not await self._still_running(response_id)
+
+    async def _still_running(self, response_id: str) -> bool:
+        """Whether a response may still log events (neither deleted nor finished)."""
+        async with self.db.read() as session, session.begin():
+            row = await session.get(StoredResponse, response_id)
+        return row is not None and not row.deleted and row.status == "in_progress"
 
     async def close(self) -> None:
         """Stop running responses (their partial text is written) and wait for them."""
