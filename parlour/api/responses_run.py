@@ -4,6 +4,7 @@ keep them in the store's event log, which every stream (live or resumed) reads."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -149,6 +150,9 @@ class ResponseRunner:
         self.hub = hub
         self._running: dict[str, GenerationStream[Any]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        #: The events of the responses running here, so their followers here need not wait
+        #: for the database (index = sequence number).
+        self._logs: dict[str, list[dict[str, Any]]] = {}
         hub.on_cancel = self.cancel_here
 
     async def begin(self, draft: Draft) -> GenerationStream[Any]:
@@ -167,6 +171,7 @@ class ResponseRunner:
         async with self.db.session() as session, session.begin():
             session.add(row)
         self._running[row.id] = stream
+        self._logs[row.id] = []
         task = asyncio.create_task(self._pump(row, stream))
         self._tasks[row.id] = task
         task.add_done_callback(lambda _t: self._forget(row.id))
@@ -175,6 +180,7 @@ class ResponseRunner:
     def _forget(self, response_id: str) -> None:
         self._running.pop(response_id, None)
         self._tasks.pop(response_id, None)
+        self._logs.pop(response_id, None)
 
     def cancel_here(self, response_id: str) -> None:
         """Stop a response if this process runs it (its partial text is kept)."""
@@ -185,12 +191,15 @@ class ResponseRunner:
     async def _pump(self, row: StoredResponse, stream: GenerationStream[Any]) -> None:
         pending: list[dict[str, Any]] = []
         ready = asyncio.Event()
+        events = self._logs[row.id]
 
         async def collect() -> None:
             try:
                 async for item in produce(row, stream):
                     pending.append(item)
+                    events.append(item)
                     ready.set()
+                    self.hub.wake_here(row.id)
             finally:
                 ready.set()
 
@@ -228,6 +237,33 @@ class ResponseRunner:
 
     async def follow(self, response_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
         """The logged events after `after`, then new ones as they are written, to the end."""
+        log = self._logs.get(response_id)
+        source = self._follow_here(response_id, log, after) if log is not None else None
+        if source is None:
+            source = self._follow_logged(response_id, after)
+        async for item in source:
+            yield item
+
+    async def _follow_here(
+        self, response_id: str, log: list[dict[str, Any]], after: int
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Follow a response that runs in this process from its events in memory."""
+        while True:
+            with self.hub.waiter(response_id) as woken:
+                new = log[after + 1 :]
+                for item in new:
+                    yield item
+                    after = item["sequence_number"]
+                    if item["type"] in TERMINAL_EVENTS:
+                        return
+                if not new:
+                    if response_id not in self._logs:
+                        return  # ended without a final event: nothing more will come
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(woken.wait(), POLL_SECONDS)
+
+    async def _follow_logged(self, response_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
+        """Follow a response from the database's event log, wherever it runs."""
         ended = False
         while True:
             with self.hub.waiter(response_id) as woken:
