@@ -139,3 +139,29 @@ async def test_bad_requests(http: httpx.AsyncClient) -> None:
         reply = await http.get(f"/v1/conversations/{made['id']}/items?{query}")
         assert reply.status_code == 400, query
         assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_background_stream_on_a_conversation_resumes_and_cancels(
+    sdk: openai.AsyncOpenAI, http: httpx.AsyncClient, scripted: ScriptedBackend
+) -> None:
+    conversation = await sdk.conversations.create()
+    body = {"input": "hi", "conversation": conversation.id, "stream": True, "background": True}
+    reply = await http.post("/v1/responses", json=body)
+    events = shared.sse_events(reply.text)
+    rid = events[0][1]["response"]["id"]
+    assert events[-1][0] == "response.completed"
+    resumed = [e async for e in await sdk.responses.retrieve(rid, stream=True, starting_after=2)]
+    assert [e.sequence_number for e in resumed] == list(range(3, len(events)))
+
+    scripted.token_delay = 0.02
+    scripted.enqueue(" ".join(f"w{i}" for i in range(500)))
+    started = await sdk.responses.create(
+        input="long", conversation=conversation.id, background=True
+    )
+    await shared.until(sdk, started.id, lambda r: len(r.output_text) > 0)
+    cancelled = await sdk.responses.cancel(started.id)
+    assert cancelled.status == "cancelled"
+    items = await sdk.conversations.items.list(conversation.id, limit=1)
+    newest = items.data[0]
+    assert newest.status == "incomplete"  # type: ignore[union-attr]
+    assert text_of(newest) == cancelled.output_text

@@ -302,7 +302,8 @@ async def test_truncation_disabled_refuses_what_does_not_fit(
     await _error(refused, 400, "context_length_exceeded")
 
 
-async def _until(sdk: openai.AsyncOpenAI, rid: str, check: Callable[[Any], bool]) -> Any:
+async def until(sdk: openai.AsyncOpenAI, rid: str, check: Callable[[Any], bool]) -> Any:
+    """Retrieve a response until `check` holds for it."""
     for _ in range(2000):
         response = await sdk.responses.retrieve(rid)
         if check(response):
@@ -317,7 +318,7 @@ async def test_background_then_retrieve(sdk: openai.AsyncOpenAI, scripted: Scrip
     started = await sdk.responses.create(input="go", background=True)
     assert started.status in ("queued", "in_progress")
     assert started.background is True
-    done = await _until(sdk, started.id, lambda r: r.status == "completed")
+    done = await until(sdk, started.id, lambda r: r.status == "completed")
     assert done.output_text == "A reply written in the background."
 
 
@@ -327,7 +328,7 @@ async def test_cancel_keeps_partial_text(
     scripted.token_delay = 0.02
     scripted.enqueue(" ".join(f"w{i}" for i in range(500)))
     started = await sdk.responses.create(input="long", background=True)
-    await _until(sdk, started.id, lambda r: len(r.output_text) > 0)
+    await until(sdk, started.id, lambda r: len(r.output_text) > 0)
     cancelled = await sdk.responses.cancel(started.id)
     assert cancelled.status == "cancelled"
     assert cancelled.output_text.startswith("w0")
@@ -339,7 +340,7 @@ async def test_cancel_keeps_partial_text(
 async def test_resume_from_the_log(sdk: openai.AsyncOpenAI, scripted: ScriptedBackend) -> None:
     scripted.enqueue("alpha beta gamma delta")
     started = await sdk.responses.create(input="go", background=True)
-    await _until(sdk, started.id, lambda r: r.status == "completed")
+    await until(sdk, started.id, lambda r: r.status == "completed")
     events = [
         e async for e in await sdk.responses.retrieve(started.id, stream=True, starting_after=4)
     ]
