@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from parlour.backends.base import ChatMessage
 from parlour.backends.scripted import ScriptedBackend
 from parlour.settings import Settings
+from parlour.store import responses as store
 
 from .support.auth import SECRET, hs256
 
@@ -348,3 +349,17 @@ async def test_resume_from_the_log(sdk: openai.AsyncOpenAI, scripted: ScriptedBa
     deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
     assert "".join(deltas) == " beta gamma delta"
     assert events[-1].type == "response.completed"
+
+
+async def test_a_cancel_written_to_the_store_stops_the_response(
+    app: FastAPI, sdk: openai.AsyncOpenAI, scripted: ScriptedBackend
+) -> None:
+    # What another process does when its notification cannot reach this one.
+    scripted.token_delay = 0.02
+    scripted.enqueue(" ".join(f"w{i}" for i in range(500)))
+    started = await sdk.responses.create(input="long", background=True)
+    async with app.state.db.session() as session, session.begin():
+        await store.update_response(session, started.id, cancel_requested=True)
+    done = await until(sdk, started.id, lambda r: r.status != "in_progress")
+    assert done.status == "cancelled"
+    assert len(done.output_text.split()) < 500

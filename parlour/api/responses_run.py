@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sqlalchemy import select
+
 from ..backends.base import ChatMessage, FinishReason
 from ..engine import Engine, Sampling, TurnRequest
 from ..errors import ParlourError
@@ -209,15 +211,17 @@ class ResponseRunner:
                 await ready.wait()
                 ready.clear()
                 batch, pending[:] = list(pending), []
-                if batch:
-                    await self._flush(row, batch)
+                if batch and await self._flush(row, batch):
+                    stream.cancel()
         except Exception:
             log.exception("writing the events of %s failed", row.id)
             stream.cancel()
         finally:
             await asyncio.gather(collector, return_exceptions=True)
 
-    async def _flush(self, row: StoredResponse, batch: list[dict[str, Any]]) -> None:
+    async def _flush(self, row: StoredResponse, batch: list[dict[str, Any]]) -> bool:
+        """Log a batch of events and the response's state; True if a cancel was asked for
+        (read back too, in case the notification did not reach this process)."""
         async with self.db.session() as session, session.begin():
             await store.append_events(session, row.id, batch)
             await store.update_response(
@@ -233,7 +237,11 @@ class ResponseRunner:
                 error=row.error,
                 completed_at=row.completed_at,
             )
+            cancel = await session.scalar(
+                select(StoredResponse.cancel_requested).where(StoredResponse.id == row.id)
+            )
         await self.hub.publish(row.id)
+        return bool(cancel)
 
     async def follow(self, response_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
         """The logged events after `after`, then new ones as they are written, to the end."""
