@@ -363,3 +363,15 @@ async def test_a_cancel_written_to_the_store_stops_the_response(
     done = await until(sdk, started.id, lambda r: r.status != "in_progress")
     assert done.status == "cancelled"
     assert len(done.output_text.split()) < 500
+
+
+async def test_a_finished_stream_is_stored_before_its_last_event(
+    http: httpx.AsyncClient, sdk: openai.AsyncOpenAI, scripted: ScriptedBackend
+) -> None:
+    for turn in range(5):
+        scripted.enqueue(f"reply number {turn}")
+        reply = await http.post("/v1/responses", json={"input": "go", "stream": True})
+        name, body = sse_events(reply.text)[-1]
+        assert name == "response.completed"
+        stored = await sdk.responses.retrieve(body["response"]["id"])
+        assert (stored.status, stored.output_text) == ("completed", f"reply number {turn}")

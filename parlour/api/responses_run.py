@@ -199,9 +199,12 @@ class ResponseRunner:
             try:
                 async for item in produce(row, stream):
                     pending.append(item)
-                    events.append(item)
                     ready.set()
-                    self.hub.wake_here(row.id)
+                    # The final event waits for the store: whoever sees it may at once
+                    # retrieve or continue the response, in any process.
+                    if item["type"] not in TERMINAL_EVENTS:
+                        events.append(item)
+                        self.hub.wake_here(row.id)
             finally:
                 ready.set()
 
@@ -213,6 +216,10 @@ class ResponseRunner:
                 batch, pending[:] = list(pending), []
                 if batch and await self._flush(row, batch):
                     stream.cancel()
+                final = [e for e in batch if e["type"] in TERMINAL_EVENTS]
+                if final:
+                    events.extend(final)
+                    self.hub.wake_here(row.id)
         except Exception:
             log.exception("writing the events of %s failed", row.id)
             stream.cancel()
