@@ -10,14 +10,25 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from . import __version__
-from .api import admin, bots, conversations, health, kernel2, openai
+from .api import (
+    admin,
+    bots,
+    conversations,
+    conversations_openai,
+    health,
+    kernel2,
+    openai,
+    responses,
+)
 from .api.errors import install_error_handlers
+from .api.responses_run import ResponseRunner
 from .api.security import install_auth
 from .auth import Authenticator, Principal
 from .backends.registry import registry_for
 from .models import ModelRegistry
 from .settings import Settings
 from .store.db import Database
+from .store.notify import EventHub
 from .store.queries import LOCAL_OWNER
 from .turns.engine import Engine
 
@@ -38,6 +49,9 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
         app.state.db = db
         app.state.models = registry
         app.state.engine = engine
+        hub = EventHub(db.url, is_sqlite=db.is_sqlite)
+        await hub.start()
+        app.state.responses = ResponseRunner(engine=engine, db=db, hub=hub)
         app.state.local_principal = Principal(owner_id=owner_id, name=LOCAL_OWNER, admin=True)
         app.state.auth = Authenticator.from_settings(
             settings, db=db, local=app.state.local_principal
@@ -46,6 +60,8 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
         try:
             yield
         finally:
+            await app.state.responses.close()
+            await hub.close()
             await engine.close()
             await registry.close()
             await db.close()
@@ -56,12 +72,20 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
         summary="A self-hosted chat server for language models with server-side memory.",
         lifespan=lifespan,
     )
-    app.state.dialects = [openai.router, kernel2.router, bots.router]
+    app.state.dialects = [
+        openai.router,
+        kernel2.router,
+        bots.router,
+        responses.router,
+        conversations_openai.router,
+    ]
     install_error_handlers(app)
     install_auth(app)
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(conversations.router)
+    app.include_router(responses.router)
+    app.include_router(conversations_openai.router)
     app.include_router(kernel2.router)
     app.include_router(bots.router)
     app.include_router(admin.router)

@@ -118,3 +118,7 @@ class BodyInvalid(ParlourError, status=422, code="invalid_body"):
     def __init__(self, errors: list[dict[str, Any]]) -> None:
         super().__init__(f"{len(errors)} validation error(s)")
         self.errors = errors
+
+
+class PreviousResponseNotFound(NotFound, code="previous_response_not_found"):
+    """`previous_response_id` names no response of this owner."""

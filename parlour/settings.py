@@ -53,6 +53,10 @@ class Settings:
                 f"not {self.sessionless!r}."
             )
 
+    #: The Responses API's `truncation` when a request leaves it out: `auto` drops the
+    #: oldest turns to fit the window, `disabled` answers 400 context_length_exceeded.
+    responses_truncation: str = "auto"
+
     @property
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite inside the data directory."""
@@ -172,5 +176,10 @@ OPTIONS: dict[str, Option] = {
     ),
     "session_from_user": Option(
         "PARLOUR_SESSION_FROM_USER", _bool, "Take the session from the OpenAI `user` field."
+    ),
+    "responses_truncation": Option(
+        "PARLOUR_RESPONSES_TRUNCATION",
+        str,
+        "The Responses API's truncation when a request leaves it out: `auto` or `disabled`.",
     ),
 }

@@ -62,3 +62,8 @@ def documented(
     for status, error in errors.items():
         described[status] = {"description": error} if isinstance(error, str) else error
     return described
+
+
+def named(kind: str, data: Any) -> str:
+    """One event with an `event:` name and a JSON `data:` line."""
+    return f"event: {kind}\n{event(data)}"

@@ -137,6 +137,42 @@ async def list_messages(
     return (await session.scalars(query)).all()
 
 
+async def append_message(
+    session: AsyncSession,
+    conversation: Conversation,
+    *,
+    role: str,
+    content: str,
+    token_count: int,
+    model_tag: str | None = None,
+    inference_time_ms: int | None = None,
+    finish_reason: str | None = None,
+) -> Message:
+    """Add a message at the end of a conversation and touch its `updated_at`."""
+    last = await session.scalar(
+        select(func.max(Message.position)).where(Message.conversation_id == conversation.id)
+    )
+    now = utcnow()
+    message = Message(
+        conversation_id=conversation.id,
+        position=(last if last is not None else -1) + 1,
+        role=role,
+        content=content,
+        token_count=token_count,
+        model_tag=model_tag,
+        inference_time_ms=inference_time_ms,
+        finish_reason=finish_reason,
+        created_at=now,
+    )
+    session.add(message)
+    await session.execute(
+        update(Conversation).where(Conversation.id == conversation.id).values(updated_at=now)
+    )
+    conversation.updated_at = now
+    await session.flush()
+    return message
+
+
 async def conversation_for_turn(
     conn: TransactionConnection, owner_id: uuid.UUID, conversation_id: uuid.UUID
 ) -> tuple[Conversation, int | None] | None:

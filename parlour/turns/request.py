@@ -47,6 +47,8 @@ class Messages:
     but usage."""
 
     history: tuple[ChatMessage, ...] = ()
+    #: The backend state these messages continue (a chain of responses), if any.
+    session: str | None = None
 
 
 Target = Stored | Session | Messages
@@ -82,6 +84,8 @@ class TurnRequest:
     #: A max_tokens larger than half the window is lowered instead of reserved in full
     #: (the stateless dialects' rule; the others refuse a prompt that leaves no room).
     shrink_reply: bool = False
+    #: Drop the oldest messages that do not fit the window; False: refuse instead.
+    truncate: bool = True
     #: Messages the client sent before this one: stored as the conversation's history when
     #: it has no messages yet (a new session), ignored otherwise.
     earlier: tuple[ChatMessage, ...] = ()

@@ -16,7 +16,14 @@ from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
 from ..backends.base import Backend, ChatMessage, FinishReason, GenerationParams
-from ..errors import BackendError, InvalidRequest, ParlourError, SessionMoved, TurnCancelled
+from ..errors import (
+    BackendError,
+    ContextLengthExceeded,
+    InvalidRequest,
+    ParlourError,
+    SessionMoved,
+    TurnCancelled,
+)
 from . import persist
 from .context import HistoryItem, fit_with_knowledge
 from .core import Core
@@ -156,6 +163,13 @@ class Turn:
             new=request.new,
             reply_budget=plan.reserve,
         )
+        if fitted.dropped and not request.truncate:
+            raise ContextLengthExceeded(
+                f"The messages need more than the model's window of {backend.context_length} "
+                f"tokens leaves with {plan.reserve} kept for the reply; send less, or allow "
+                "truncation (truncation='auto') to drop the oldest turns.",
+                param="input",
+            )
         self._check_cancel()
         self._started.set_result(None)
         generated = await self._generate(
@@ -163,6 +177,7 @@ class Turn:
             fitted.messages,
             plan.sampling.params(plan.max_tokens(fitted.prompt_tokens)),
             prompt_tokens=fitted.prompt_tokens,
+            session=target.session,
         )
         await persist.record_usage(engine.db, request, plan, generated)
         self._finish(persist.result(plan, generated, knowledge=tuple(hits[:kept])))
