@@ -6,7 +6,7 @@ import asyncio
 import importlib.util
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +167,18 @@ class ModelRegistry:
             self._loading.cancel()
         for model in self.models:
             await model.backend.close()
+
+
+def resolve_spec(spec: ModelSpec, models_dir: Path | None) -> ModelSpec:
+    """A config file's model with `pulled = "NAME"` pointed at that pulled file."""
+    name = spec.options.get("pulled")
+    if name is None:
+        return spec
+    found = pulled.find(models_dir, str(name)) if models_dir is not None else None
+    if found is None:
+        raise ValueError(
+            f"model {spec.name!r}: no pulled model {name!r}; run `parlour model pull` first "
+            "(`parlour model list` shows what is pulled)"
+        )
+    options = {k: v for k, v in spec.options.items() if k != "pulled"}
+    return replace(spec, backend="llama", path=found.path, options=options)

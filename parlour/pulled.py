@@ -14,14 +14,10 @@ import hashlib
 import os
 import re
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .errors import InvalidRequest, NotFound
-
-if TYPE_CHECKING:
-    from .models import ModelSpec
 
 #: An etag that is a SHA-256: the hub gives one for every file stored with Git LFS.
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -163,21 +159,6 @@ def remove(models_dir: Path, name: str) -> PulledModel:
     if not any(p for p in folder.rglob("*.gguf") if ".cache" not in p.parts):
         shutil.rmtree(folder, ignore_errors=True)
     return model
-
-
-def resolve_spec(spec: ModelSpec, models_dir: Path | None) -> ModelSpec:
-    """A config file's model with `pulled = "NAME"` pointed at that pulled file."""
-    name = spec.options.get("pulled")
-    if name is None:
-        return spec
-    found = find(models_dir, str(name)) if models_dir is not None else None
-    if found is None:
-        raise ValueError(
-            f"model {spec.name!r}: no pulled model {name!r}; run `parlour model pull` first "
-            "(`parlour model list` shows what is pulled)"
-        )
-    options = {k: v for k, v in spec.options.items() if k != "pulled"}
-    return replace(spec, backend="llama", path=found.path, options=options)
 
 
 def _offline() -> bool:

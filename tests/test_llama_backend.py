@@ -12,7 +12,8 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from parlour.backends import llama as llama_module
 from parlour.backends.base import ChatMessage, Chunk, GenerationParams
-from parlour.backends.llama import LlamaBackend, StopScanner
+from parlour.backends.decoding import StopScanner
+from parlour.backends.llama import LlamaBackend
 from parlour.models import embedded_gguf
 from parlour.turns.context import MESSAGE_OVERHEAD
 

@@ -53,11 +53,10 @@ from .llama_scheduler import (
     SamplerDefaults,
     SessionScheduler,
     SessionStats,
-    StopScanner,
 )
 from .state_store import StateStore
 
-__all__ = ["CHATML", "LlamaBackend", "StopScanner", "default_threads"]
+__all__ = ["CHATML", "LlamaBackend", "default_threads"]
 
 log = logging.getLogger(__name__)
 

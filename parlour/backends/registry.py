@@ -8,13 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import pulled
 from ..models import (
     LoadedModel,
     ModelRegistry,
     ModelSpec,
     embedded_gguf,
     embedded_spec,
+    resolve_spec,
     spec_from_argument,
 )
 from ..settings import Settings
@@ -149,7 +149,7 @@ def build_registry(
     default: str | None = None
     if config is not None:
         specs, default = load_config(config)
-        specs = [pulled.resolve_spec(s, models_dir) for s in specs]
+        specs = [resolve_spec(s, models_dir) for s in specs]
     names = {n for s in specs for n in s.names}
     if model is not None:
         if model in names:
