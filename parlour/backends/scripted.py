@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from .base import Backend, ChatMessage, Chunk, GenerationParams, Prompt
 
+#: Sessions whose last prompt is remembered (the oldest forgotten first).
+SESSIONS_KEPT = 256
 _TOKEN = re.compile(r"\s*\S+|\s+")
 
 
@@ -63,8 +65,9 @@ class ScriptedBackend(Backend):
         self, messages: Prompt, params: GenerationParams, *, session: str | None = None
     ) -> AsyncGenerator[Chunk, None]:
         self.calls.append(ScriptedCall(tuple(messages), params, session))
-        prompt = self.prompt_tokens(messages)
-        cached = self._cached(messages, session)
+        costs = [self.count_tokens(m.content) + 2 for m in messages]
+        prompt = sum(costs) + 1
+        cached = sum(costs[: self._shared(messages, session)])
         text = self.reply_for(messages)
         produced = ""
         count = 0
@@ -95,15 +98,17 @@ class ScriptedBackend(Backend):
             cached_tokens=cached,
         )
 
-    def _cached(self, messages: Sequence[ChatMessage], session: str | None) -> int:
-        """Prompt tokens of the messages this session's previous prompt began with."""
+    def _shared(self, messages: Sequence[ChatMessage], session: str | None) -> int:
+        """How many leading messages this session's previous prompt had in common."""
         if session is None:
             return 0
-        previous = self.session_prompts.get(session, ())
+        previous = self.session_prompts.pop(session, ())
         self.session_prompts[session] = tuple(messages)
+        if len(self.session_prompts) > SESSIONS_KEPT:
+            del self.session_prompts[next(iter(self.session_prompts))]
         shared = 0
         for old, new in zip(previous, messages, strict=False):
             if old != new:
                 break
             shared += 1
-        return sum(self.count_tokens(m.content) + 2 for m in messages[:shared])
+        return shared

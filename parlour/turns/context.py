@@ -25,11 +25,6 @@ class HistoryItem:
     message: ChatMessage
     token_count: int
 
-    @classmethod
-    def of(cls, role: str, content: str, token_count: int) -> HistoryItem:
-        """A stored (role, content, token count) row."""
-        return cls(ChatMessage(role, content), token_count)  # type: ignore[arg-type]
-
 
 @dataclass(frozen=True)
 class FittedContext:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import usage
+from ..backends.base import ChatMessage
 from ..errors import NotFound, SessionMoved
 from ..knowledge.index import Hit
 from ..store import queries
@@ -99,7 +100,10 @@ async def open_turn(engine: Core, request: TurnRequest, conversation_id: Any) ->
         user_message.position,
         keep=keep,
     )
-    history = [HistoryItem.of(role, content, tokens) for role, content, tokens in rows]
+    history = [
+        HistoryItem(ChatMessage(role, content), tokens)  # type: ignore[arg-type]
+        for role, content, tokens in rows
+    ]
     return Opened(conversation, plan, hits, history, user_message, keep)
 
 
