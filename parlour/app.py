@@ -12,9 +12,11 @@ from fastapi import FastAPI
 from . import __version__
 from .api import admin, bots, conversations, health, kernel2, openai
 from .api.errors import install_error_handlers
+from .api.browser import install_cors
 from .api.security import install_auth
 from .auth import Authenticator, Principal
 from .engine import Engine
+from .files import private_dir
 from .models import ModelRegistry, build_registry
 from .settings import Settings
 from .store.db import Database
@@ -28,6 +30,7 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        private_dir(settings.data_dir)
         db = Database(settings.resolved_database_url)
         await db.migrate()
         registry = models or build_registry(
@@ -69,6 +72,7 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
     ]
     install_error_handlers(app)
     install_auth(app)
+    install_cors(app, settings)
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(conversations.router)

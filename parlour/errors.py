@@ -105,6 +105,14 @@ class Forbidden(ParlourError):
     type = "permission_error"
 
 
+class UnsupportedMediaType(ParlourError):
+    """The body is not in a format the route reads."""
+
+    status = 415
+    code = "unsupported_media_type"
+    type = "invalid_request_error"
+
+
 class Conflict(ParlourError):
     """The request would duplicate something that must be unique."""
 

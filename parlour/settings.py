@@ -31,6 +31,14 @@ class Settings:
     insecure: bool = False
     workers: int = 1
     max_body_bytes: int = 1_000_000
+    #: Document uploads under /admin/ may be larger than other bodies.
+    max_upload_bytes: int = 64 * 1024 * 1024
+    #: Longest user message, in characters.
+    max_message_chars: int = 100_000
+    #: Host names served in local mode besides the loopback names.
+    allowed_hosts: tuple[str, ...] = ()
+    #: Origins whose pages may call the API (CORS); others are refused in local mode.
+    cors_origins: tuple[str, ...] = ()
     #: Seconds without a token after which kernel2 streams send a `: heartbeat` comment.
     heartbeat_seconds: float = 10.0
     strict_models: bool = False
@@ -54,7 +62,12 @@ class Settings:
             value = getattr(self, name)
             if value is None:
                 continue
-            env[var] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+            if isinstance(value, bool):
+                env[var] = "1" if value else "0"
+            elif isinstance(value, tuple):
+                env[var] = ",".join(value)
+            else:
+                env[var] = str(value)
         return env
 
     @property
@@ -89,6 +102,10 @@ def _bool(raw: str) -> bool:
     return raw.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
 ENV_VARS: dict[str, tuple[str, Any]] = {
     "host": ("PARLOUR_HOST", str),
     "port": ("PARLOUR_PORT", int),
@@ -99,6 +116,10 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "insecure": ("PARLOUR_INSECURE", _bool),
     "workers": ("PARLOUR_WORKERS", int),
     "max_body_bytes": ("PARLOUR_MAX_BODY_BYTES", int),
+    "max_upload_bytes": ("PARLOUR_MAX_UPLOAD_BYTES", int),
+    "max_message_chars": ("PARLOUR_MAX_MESSAGE_CHARS", int),
+    "allowed_hosts": ("PARLOUR_ALLOWED_HOSTS", _list),
+    "cors_origins": ("PARLOUR_CORS_ORIGINS", _list),
     "heartbeat_seconds": ("PARLOUR_HEARTBEAT_SECONDS", float),
     "strict_models": ("PARLOUR_STRICT_MODELS", _bool),
     "llama_threads": ("PARLOUR_LLAMA_THREADS", int),

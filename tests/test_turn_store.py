@@ -46,7 +46,7 @@ async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app):
         await app.state.models.wait_loaded()
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://other.test") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             yield c
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from starlette.requests import Request
 
 from ..errors import InvalidRequest, PayloadTooLarge
+from .wire import has_invalid_text
 
 
 def too_large(limit: int) -> PayloadTooLarge:
@@ -56,7 +57,7 @@ async def read_json(request: Request, limit: int) -> Any:
             "The request body nests arrays or objects too deeply; flatten it.",
             code="invalid_json",
         ) from None
-    if _has_lone_surrogate(data):
+    if has_invalid_text(data):
         # json accepts escapes like "\ud800" that no UTF-8 store or response can hold.
         raise InvalidRequest(
             "The request body contains an unpaired surrogate escape (\\ud800-\\udfff); "
@@ -65,19 +66,3 @@ async def read_json(request: Request, limit: int) -> Any:
         )
     return data
 
-
-def _has_lone_surrogate(data: Any) -> bool:
-    pending = [data]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-        elif isinstance(value, dict):
-            pending.extend(value.keys())
-            pending.extend(value.values())
-        elif isinstance(value, list):
-            pending.extend(value)
-    return False

@@ -20,7 +20,7 @@ from . import sse
 from .body import read_body
 from .bots_protocol import BodyInvalid, BodyUnreadable, BotChatRequest, parse
 from .deps import EngineDep, ModelsDep, PrincipalDep, SettingsDep
-from .errors import ErrorShape, detail_body
+from .errors import ErrorShape, detail_body, validation_response
 
 router = APIRouter(tags=["bot api"])
 
@@ -140,7 +140,7 @@ async def chat(
     try:
         body = parse(raw)
     except BodyInvalid as exc:
-        return JSONResponse({"detail": exc.errors}, status_code=422)
+        return validation_response(exc.errors)
     except BodyUnreadable as exc:
         return JSONResponse({"detail": str(exc)}, status_code=400)
     async with engine.db.read() as session, session.begin():

@@ -20,6 +20,7 @@ from ..store import queries
 from ..store.tables import Conversation, Message, utcnow
 from . import sse
 from .deps import EngineDep, ModelsDep, PrincipalDep
+from .wire import MAX_INT, Int, Number, Text
 
 MAX_TITLE = 255
 
@@ -29,8 +30,8 @@ class ConversationCreate(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    title: str = Field(max_length=MAX_TITLE)
-    model_tag: str = Field(
+    title: Text = Field(max_length=MAX_TITLE)
+    model_tag: Text = Field(
         min_length=1, max_length=255, description="A configured model or alias (GET /v1/models)."
     )
 
@@ -40,8 +41,8 @@ class ConversationUpdate(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    title: str | None = Field(default=None, max_length=MAX_TITLE)
-    model_tag: str | None = Field(
+    title: Text | None = Field(default=None, max_length=MAX_TITLE)
+    model_tag: Text | None = Field(
         default=None,
         min_length=1,
         max_length=255,
@@ -111,7 +112,7 @@ class NewMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["user"] = "user"
-    content: str = Field(min_length=1)
+    content: Text = Field(min_length=1)
 
 
 class MessageCreate(BaseModel):
@@ -123,8 +124,8 @@ class MessageCreate(BaseModel):
     stream: bool = Field(
         default=True, description="Stream the reply as Server-Sent Events (default)."
     )
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: int | None = Field(default=None, ge=1, description="Longest reply, in tokens.")
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    max_tokens: Int | None = Field(default=None, ge=1, description="Longest reply, in tokens.")
 
 
 class ErrorDetail(BaseModel):
@@ -189,7 +190,7 @@ async def list_conversations(
     engine: EngineDep,
     principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
 ) -> list[ConversationPublic]:
     """List the caller's conversations, from every dialect."""
     async with engine.db.read() as session, session.begin():
@@ -291,7 +292,7 @@ async def list_messages(
     engine: EngineDep,
     principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
 ) -> list[MessagePublic]:
     """The stored messages of one of the caller's conversations."""
     async with engine.db.read() as session, session.begin():

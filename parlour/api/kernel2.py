@@ -26,6 +26,7 @@ from .deps import EngineDep, PrincipalDep, SettingsDep
 from .errors import ErrorShape
 from .openai_protocol import ContentPart, Wire, usage
 from .schema import json_request_body
+from .wire import Int, Number, Text
 
 router = APIRouter(tags=["second me"])
 
@@ -50,14 +51,14 @@ class Kernel2Message(Wire):
     """A message of the history."""
 
     role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
 
 class Kernel2Metadata(Wire):
     """`metadata`: retrieval and role."""
 
     enable_l0_retrieval: bool | None = None
-    role_id: str | None = None
+    role_id: Text | None = None
 
 
 class Kernel2Request(Wire):
@@ -66,9 +67,9 @@ class Kernel2Request(Wire):
     messages: list[Kernel2Message] = Field(min_length=1)
     metadata: Kernel2Metadata | None = None
     stream: bool | None = None
-    model: str | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: int | None = Field(default=None, ge=1)
+    model: Text | None = None
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    max_tokens: Int | None = Field(default=None, ge=1)
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -126,8 +127,8 @@ def completion_request(
             system.append(text)
         else:
             history.append(ChatMessage(message.role, text))
-    if not history:
-        raise InvalidRequest("messages has no user message: add one to be answered.")
+    if not any(m.content for m in history if m.role == "user"):
+        raise InvalidRequest("messages has no user message with text: add one to be answered.")
     metadata = body.metadata or Kernel2Metadata()
     temperature = body.temperature if body.temperature is not None else DEFAULT_TEMPERATURE
     max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS

@@ -100,6 +100,12 @@ def new_turn(body: ChatCompletionRequest) -> tuple[str, str | None]:
             "after the last assistant message.",
             param="messages",
         )
+    if not any(users):
+        raise InvalidRequest(
+            "The new turn's user messages are empty: send some text to be answered.",
+            param="messages",
+            code="invalid_value",
+        )
     return "\n\n".join(users), ("\n\n".join(system) if system else None)
 
 

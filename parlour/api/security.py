@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..auth import Authenticator
 from ..errors import Unauthorized
+from .browser import local_refusal
 from .errors import error_response
 
 HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
@@ -52,6 +53,11 @@ class AuthMiddleware:
                 await error_response(request, exc)(scope, receive, send)
                 return
             request.state.principal = principal
+            if principal is auth.local:
+                refusal = local_refusal(request, request.app.state.settings)
+                if refusal is not None:
+                    await error_response(request, refusal)(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
 
 

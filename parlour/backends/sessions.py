@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..files import open_private, private_dir
 from .base import Chunk, FinishReason, GenerationParams
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class StateStore:
                     shutil.rmtree(other, ignore_errors=True)
             self.directory = directory / str(os.getpid())
             shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory.mkdir(parents=True, exist_ok=True)
+            private_dir(self.directory)
 
     def __contains__(self, session: str) -> bool:
         return session in self._ram or session in self._disk
@@ -186,7 +187,7 @@ class StateStore:
         name = hashlib.sha256(session.encode()).hexdigest()[:40]
         path = self.directory / f"{name}.state"
         temp = path.with_suffix(".state.tmp")
-        with temp.open("wb") as out:
+        with open_private(temp) as out:
             out.write(struct.pack("<Q", len(tokens)))
             out.write(struct.pack(f"<{len(tokens)}i", *tokens))
             out.write(data)
