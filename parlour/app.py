@@ -11,8 +11,8 @@ from fastapi import FastAPI
 
 from . import __version__
 from .api import admin, bots, conversations, health, kernel2, openai
-from .api.errors import install_error_handlers
 from .api.browser import install_cors
+from .api.errors import install_error_handlers
 from .api.security import install_auth
 from .auth import Authenticator, Principal
 from .engine import Engine

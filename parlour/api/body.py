@@ -65,4 +65,3 @@ async def read_json(request: Request, limit: int) -> Any:
             code="invalid_json",
         )
     return data
-
