@@ -141,7 +141,8 @@ async def test_booleans_are_not_numbers(client: httpx.AsyncClient, field: str) -
 
 
 async def test_empty_turns_are_refused(client: httpx.AsyncClient) -> None:
-    for content in ([], "", None):
+    empties: list[Any] = [[], "", None]
+    for content in empties:
         response = await client.post(
             "/v1/chat/completions",
             json={"messages": [{"role": "user", "content": content}]},
