@@ -25,8 +25,16 @@ from .body import too_large
 from .deps import AdminDep, EngineDep
 from .wire import Int, Number, Text
 
-router = APIRouter(prefix="/admin", tags=["admin"])
-usage_router = APIRouter(tags=["admin"])
+#: What admin routes answer besides their result, all as `{"detail": message}`.
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "A value the store refuses (a slug or name of the wrong form)."},
+    403: {"description": "Not an admin principal."},
+    404: {"description": "No such bot, knowledge base or document."},
+    409: {"description": "The slug or name is taken."},
+}
+
+router = APIRouter(prefix="/admin", tags=["admin"], responses=ADMIN_ERRORS)
+usage_router = APIRouter(tags=["admin"], responses=ADMIN_ERRORS)
 
 #: Largest document upload accepted, in bytes.
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024

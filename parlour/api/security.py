@@ -13,6 +13,7 @@ from ..auth import Authenticator
 from ..errors import Unauthorized
 from .browser import local_refusal
 from .errors import error_response
+from .schema import declare_guard_statuses
 
 HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
@@ -73,6 +74,7 @@ def _document(generate: Callable[[], dict[str, Any]], public: frozenset[str]) ->
                 operation["security"] = []
                 continue
             operation["security"] = [{"bearerAuth": []}]
+            declare_guard_statuses(operation)
             operation.setdefault("responses", {}).setdefault(
                 "401",
                 {
