@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from . import __version__
 from .api import admin, bots, conversations, health, kernel2, openai
+from .api.body import install_body_limit
 from .api.browser import install_cors
 from .api.errors import install_error_handlers
 from .api.security import install_auth
@@ -41,7 +42,7 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
             state_dir=settings.data_dir / "state",
             cache_dir=settings.cache_dir,
         )
-        engine = Engine(db=db, models=registry)
+        engine = Engine(db=db, models=registry, max_message_chars=settings.max_message_chars)
         owner_id = await engine.owner_id(LOCAL_OWNER)
         app.state.settings = settings
         app.state.db = db
@@ -72,6 +73,7 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
     ]
     install_error_handlers(app)
     install_auth(app)
+    install_body_limit(app, settings)
     install_cors(app, settings)
     app.include_router(health.router)
     app.include_router(openai.router)

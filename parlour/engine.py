@@ -18,6 +18,7 @@ from .errors import InvalidRequest, NotFound, ParlourError
 from .generation import GenerationStream
 from .history import HistoryCache
 from .knowledge import Hit
+from .limits import check_messages, tokenising
 from .locks import turn_locks
 from .models import LoadedModel, ModelRegistry
 from .store import queries
@@ -177,7 +178,9 @@ class TurnStream(GenerationStream[TurnResult]):
                 raise NotFound("Conversation not found")
             conversation, last_position = found
             bot, hits = await _bot_and_knowledge(engine.db, conversation.bot_id, request.content)
-            plan = plan_turn(
+            plan = await tokenising(
+                len(request.content),
+                plan_turn,
                 engine.models,
                 content=request.content,
                 model=request.model or conversation.model_tag,
@@ -208,6 +211,9 @@ class TurnStream(GenerationStream[TurnResult]):
             loaded = rows is None
             if rows is None:
                 rows = await queries.recent_history(conn, conversation.id, limit=limit)
+            user_tokens = await tokenising(
+                len(request.content), backend.count_tokens, request.content
+            )
             now = utcnow()
             user_message = await queries.insert_message(
                 conn,
@@ -215,7 +221,7 @@ class TurnStream(GenerationStream[TurnResult]):
                 position=last + 1,
                 role="user",
                 content=request.content,
-                token_count=backend.count_tokens(request.content),
+                token_count=user_tokens,
                 now=now,
             )
             await queries.touch_conversation(conn, conversation, now, **changes)
@@ -228,7 +234,9 @@ class TurnStream(GenerationStream[TurnResult]):
             user_message.position,
             keep=limit,
         )
-        fitted, _kept = fit_with_knowledge(
+        fitted, _kept = await tokenising(
+            len(request.content) + sum(len(content) for _role, content, _tokens in rows),
+            fit_with_knowledge,
             backend,
             parts=plan.system,
             hits=hits,
@@ -317,9 +325,12 @@ async def _bot_and_knowledge(
 class Engine:
     """The shared core every dialect calls: conversations, sessions and turns."""
 
-    def __init__(self, *, db: Database, models: ModelRegistry) -> None:
+    def __init__(
+        self, *, db: Database, models: ModelRegistry, max_message_chars: int | None = None
+    ) -> None:
         self.db = db
         self.models = models
+        self.max_message_chars = max_message_chars
         self.locks = turn_locks(db.url, is_sqlite=db.is_sqlite)
         self.running: set[GenerationStream[object]] = set()
         self.history = HistoryCache()
@@ -366,7 +377,9 @@ class Engine:
                     found.bot_id = bot_id
                 return found
             if content is not None:
-                plan_turn(
+                await tokenising(
+                    len(content),
+                    plan_turn,
                     self.models,
                     content=content,
                     model=model,
@@ -402,6 +415,7 @@ class Engine:
         /new moved or whose conversation was deleted, here or in another process, costs
         a retry and never puts a message in the wrong conversation.
         """
+        check_messages([request.content], self.max_message_chars)
         key = (request.owner_id, session_key)
         for attempt in range(3):
             conversation_id = self._sessions.get(key) if attempt == 0 else None
@@ -447,10 +461,12 @@ class Engine:
         """Start a stateless generation (the client sent the whole history) and return it."""
         from .stateless import CompletionStream
 
+        check_messages((m.content for m in request.messages), self.max_message_chars)
         return CompletionStream(self, request)
 
     def turn(self, request: TurnRequest) -> TurnStream:
         """Start a turn in the background and return its handle."""
+        check_messages([request.content], self.max_message_chars)
         return TurnStream(self, request)
 
     async def close(self) -> None:

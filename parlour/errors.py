@@ -29,6 +29,12 @@ class InvalidRequest(ParlourError):
             self.code = code
 
 
+class MessageTooLong(InvalidRequest):
+    """A message is longer than PARLOUR_MAX_MESSAGE_CHARS."""
+
+    code = "message_too_long"
+
+
 class ContextLengthExceeded(InvalidRequest):
     """The new message alone does not fit in the model's context window."""
 

@@ -21,6 +21,7 @@ from .engine import Sampling
 from .errors import InvalidRequest
 from .generation import GenerationStream
 from .knowledge import Hit
+from .limits import tokenising
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -102,13 +103,16 @@ class CompletionStream(GenerationStream[CompletionResult]):
         # whatever room is left after it.
         reserve = min(requested, max(1, backend.context_length // 2))
         *earlier, new = request.messages
-        fitted, kept = fit_with_knowledge(
-            backend,
-            parts=request.system,
-            hits=hits,
-            history=[HistoryItem(m, backend.count_tokens(m.content)) for m in earlier],
-            new=new,
-            reply_budget=reserve,
+        fitted, kept = await tokenising(
+            sum(len(m.content) for m in request.messages),
+            lambda: fit_with_knowledge(
+                backend,
+                parts=request.system,
+                hits=hits,
+                history=[HistoryItem(m, backend.count_tokens(m.content)) for m in earlier],
+                new=new,
+                reply_budget=reserve,
+            ),
         )
         hits = hits[:kept]
         if self._cancel_requested:

@@ -17,7 +17,7 @@ from ..models import ModelRegistry
 from ..stateless import CompletionRequest, CompletionStream
 from ..store.tables import Bot
 from . import sse
-from .body import read_body
+from .body import off_loop, read_body
 from .bots_protocol import BodyInvalid, BodyUnreadable, BotChatRequest, parse
 from .deps import EngineDep, ModelsDep, PrincipalDep, SettingsDep
 from .errors import ErrorShape, detail_body, validation_response
@@ -138,7 +138,7 @@ async def chat(
     """Answer as a bot; the client sends the whole conversation."""
     raw = await read_body(request, settings.max_body_bytes)
     try:
-        body = parse(raw)
+        body = await off_loop(parse, raw)
     except BodyInvalid as exc:
         return validation_response(exc.errors)
     except BodyUnreadable as exc:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendError, ModelNotReady
+from ..limits import tokenising
 from .base import Backend, ChatMessage, Chunk, GenerationParams
 from .convert import converted
 from .sessions import Request, Sampling, SessionScheduler, SessionStats, StateStore, StopScanner
@@ -324,7 +325,7 @@ class LlamaBackend(Backend):
         scheduler = self._scheduler
         if scheduler is None:
             raise ModelNotReady(f"Model {self.path.name} is not loaded yet; try again shortly.")
-        tokens = self.encode(messages)
+        tokens = await tokenising(sum(len(m.content) for m in messages), self.encode, messages)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
 

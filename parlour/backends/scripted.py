@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
+from ..limits import tokenising
 from .base import Backend, ChatMessage, Chunk, GenerationParams
 
 _TOKEN = re.compile(r"\s*\S+|\s+")
@@ -33,11 +34,16 @@ class ScriptedBackend(Backend):
     kind = "scripted"
     exact_tokens = True
 
-    def __init__(self, *, context_length: int = 4096, token_delay: float = 0.0) -> None:
+    def __init__(
+        self, *, context_length: int = 4096, token_delay: float = 0.0, calls_kept: int = 256
+    ) -> None:
         self._context_length = context_length
         self.token_delay = token_delay
         self.queue: deque[str] = deque()
+        #: The most recent calls, oldest first: at most `calls_kept` of them, so a
+        #: long-running `serve --model scripted` does not grow with every turn.
         self.calls: list[ScriptedCall] = []
+        self.calls_kept = calls_kept
         self.tokens_generated = 0
 
     @property
@@ -71,7 +77,11 @@ class ScriptedBackend(Backend):
         session: str | None = None,
     ) -> AsyncGenerator[Chunk, None]:
         self.calls.append(ScriptedCall(tuple(messages), params, session))
-        prompt = self.prompt_tokens(messages)
+        if len(self.calls) > self.calls_kept:
+            del self.calls[: len(self.calls) - self.calls_kept]
+        prompt = await tokenising(
+            sum(len(m.content) for m in messages), self.prompt_tokens, messages
+        )
         text = self.reply_for(messages)
         produced = ""
         count = 0
