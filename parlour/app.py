@@ -15,6 +15,7 @@ from .api.body import install_body_limit
 from .api.browser import install_cors
 from .api.errors import install_error_handlers
 from .api.security import install_auth
+from .api.shutdown import install_shutdown
 from .auth import Authenticator, Principal
 from .engine import Engine
 from .files import private_dir
@@ -72,6 +73,7 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
         bots.bot_api_shape(),
     ]
     install_error_handlers(app)
+    install_shutdown(app)
     install_auth(app)
     install_body_limit(app, settings)
     install_cors(app, settings)

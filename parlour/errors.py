@@ -119,6 +119,14 @@ class UnsupportedMediaType(ParlourError):
     type = "invalid_request_error"
 
 
+class ServerShuttingDown(ParlourError):
+    """The server is shutting down; the generation was stopped."""
+
+    status = 503
+    code = "server_shutting_down"
+    type = "server_error"
+
+
 class Conflict(ParlourError):
     """The request would duplicate something that must be unique."""
 

@@ -152,7 +152,9 @@ async def chat(
         except BaseException:
             stream.cancel()
             raise
-        return sse.response(_events(stream))
+        return sse.response(
+            _events(stream), closing=lambda e: [sse.event(detail_body(e)), sse.DONE]
+        )
     try:
         async for _ in stream:
             pass

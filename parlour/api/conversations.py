@@ -321,6 +321,13 @@ async def _events(turn: TurnStream) -> AsyncIterator[str]:
         turn.cancel()
 
 
+def _closing(error: ParlourError) -> list[str]:
+    return [
+        sse.event({"error": {"message": error.message}}),
+        sse.event({"done": True, "message": None}),
+    ]
+
+
 @router.post(
     "/{conversationId}/messages",
     operation_id="postMessage",
@@ -361,7 +368,7 @@ async def post_message(
         turn.cancel()
         raise
     if body.stream:
-        return sse.response(_events(turn))
+        return sse.response(_events(turn), closing=_closing)
     try:
         async for _ in turn:
             pass

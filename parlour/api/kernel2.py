@@ -264,7 +264,10 @@ async def chat(
         raise
     model = stream.model or ""
     if body.stream is not False:
-        return sse.response(_events(stream, model, settings.heartbeat_seconds))
+        return sse.response(
+            _events(stream, model, settings.heartbeat_seconds),
+            closing=lambda e: [sse.event(error_body(e)), sse.DONE],
+        )
     try:
         async for _ in stream:
             pass

@@ -148,7 +148,12 @@ def _command_reply(body: ChatCompletionRequest, model: str, text: str) -> Respon
             )
         yield sse.DONE
 
-    return sse.response(events())
+    return sse.response(events(), closing=closing)
+
+
+def closing(error: ParlourError) -> list[str]:
+    """How an OpenAI stream ends when the server shuts down: an error event, then [DONE]."""
+    return [sse.event(error_body(error)), sse.DONE]
 
 
 async def _stream(turn: TurnStream, body: ChatCompletionRequest, model: str) -> AsyncIterator[str]:
@@ -254,7 +259,7 @@ async def chat_completions(
         except BaseException:
             turn.cancel()
             raise
-        return sse.response(_stream(turn, body, turn.model or model.spec.name))
+        return sse.response(_stream(turn, body, turn.model or model.spec.name), closing=closing)
     return await _complete(turn)
 
 
