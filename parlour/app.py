@@ -43,7 +43,12 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
             state_dir=settings.data_dir / "state",
             cache_dir=settings.cache_dir,
         )
-        engine = Engine(db=db, models=registry, max_message_chars=settings.max_message_chars)
+        engine = Engine(
+            db=db,
+            models=registry,
+            max_message_chars=settings.max_message_chars,
+            history_chars=settings.history_cache_mb * 2**20,
+        )
         owner_id = await engine.owner_id(LOCAL_OWNER)
         app.state.settings = settings
         app.state.db = db

@@ -16,7 +16,7 @@ from .backends.base import ChatMessage, FinishReason, GenerationParams
 from .context import HistoryItem, check_fits, fit_with_knowledge, system_messages
 from .errors import InvalidRequest, NotFound, ParlourError
 from .generation import GenerationStream
-from .history import HistoryCache
+from .history import MAX_CHARS, HistoryCache
 from .knowledge import Hit
 from .limits import check_messages, tokenising
 from .locks import turn_locks
@@ -326,14 +326,19 @@ class Engine:
     """The shared core every dialect calls: conversations, sessions and turns."""
 
     def __init__(
-        self, *, db: Database, models: ModelRegistry, max_message_chars: int | None = None
+        self,
+        *,
+        db: Database,
+        models: ModelRegistry,
+        max_message_chars: int | None = None,
+        history_chars: int = MAX_CHARS,
     ) -> None:
         self.db = db
         self.models = models
         self.max_message_chars = max_message_chars
         self.locks = turn_locks(db.url, is_sqlite=db.is_sqlite)
         self.running: set[GenerationStream[object]] = set()
-        self.history = HistoryCache()
+        self.history = HistoryCache(max_chars=history_chars)
         #: (owner, session key) -> conversation id, as last seen by this process; a turn
         #: re-checks the binding in its own transaction (see TurnRequest.session_key).
         self._sessions: dict[tuple[uuid.UUID, str], uuid.UUID] = {}

@@ -35,6 +35,8 @@ class Settings:
     max_upload_bytes: int = 64 * 1024 * 1024
     #: Longest user message, in characters.
     max_message_chars: int = 100_000
+    #: Memory for the newest messages of recently active conversations (MiB, roughly).
+    history_cache_mb: int = 64
     #: Host names served in local mode besides the loopback names.
     allowed_hosts: tuple[str, ...] = ()
     #: Origins whose pages may call the API (CORS); others are refused in local mode.
@@ -118,6 +120,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "max_body_bytes": ("PARLOUR_MAX_BODY_BYTES", int),
     "max_upload_bytes": ("PARLOUR_MAX_UPLOAD_BYTES", int),
     "max_message_chars": ("PARLOUR_MAX_MESSAGE_CHARS", int),
+    "history_cache_mb": ("PARLOUR_HISTORY_CACHE_MB", int),
     "allowed_hosts": ("PARLOUR_ALLOWED_HOSTS", _list),
     "cors_origins": ("PARLOUR_CORS_ORIGINS", _list),
     "heartbeat_seconds": ("PARLOUR_HEARTBEAT_SECONDS", float),
