@@ -143,8 +143,11 @@ async def test_data_directory_and_database_are_private(tmp_path: Path) -> None:
     assert _mode(data) == 0o700
     assert _mode(data.parent) == 0o700
     database = data / "parlour.db"
-    files = [database, *data.glob("parlour.db-*")]
+    locks = data / "parlour.db-locks"
+    files = [database, *data.glob("parlour.db-*"), *locks.glob("*")]
+    files = [f for f in files if f.is_file()]
     assert files and all(_mode(f) == 0o600 for f in files), {f.name: oct(_mode(f)) for f in files}
+    assert _mode(locks) == 0o700
 
 
 def test_state_files_are_private(tmp_path: Path) -> None:
