@@ -7,6 +7,7 @@ turns), and prints the server's RSS every `--interval` seconds, then a summary.
 
     python bench/soak.py --minutes 20 --clients 8
     python bench/soak.py --minutes 2 --clients 8 --model scripted
+    python bench/soak.py --minutes 5 --config soak.toml   # e.g. state_ram_mb = 64
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def start(model: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start(model: str, data_dir: Path, config: str) -> tuple[subprocess.Popen[bytes], str]:
     """Start the server and wait until it answers /health (the model loaded)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARLOUR_")}
@@ -65,6 +66,8 @@ def start(model: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     command += ["--data-dir", str(data_dir), "--log-level", "warning"]
     if model:
         command += ["--model", model]
+    if config:
+        command += ["--config", config]
     process = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -157,9 +160,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--turns-per-session", type=int, default=12)
     parser.add_argument("--model", default="", help="e.g. scripted; default: the embedded one")
+    parser.add_argument("--config", default="", help="a models TOML (e.g. a smaller state_ram_mb)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="parlour-soak-") as tmp:
-        process, url = start(args.model, Path(tmp) / "data")
+        process, url = start(args.model, Path(tmp) / "data", args.config)
         try:
             asyncio.run(soak(args, process.pid, url))
         finally:

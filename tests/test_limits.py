@@ -12,11 +12,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from parlour.app import create_app
 from parlour.backends.base import ChatMessage, GenerationParams
 from parlour.backends.scripted import ScriptedBackend
 from parlour.limits import OFF_LOOP_CHARS
 from parlour.settings import Settings
+from tests.conftest import running_app
 from tests.support.dialects import make_bot
 
 LIMIT = 20_000
@@ -29,17 +29,14 @@ async def limited(settings: Settings) -> AsyncIterator[FastAPI]:
     changed = dataclasses.replace(
         settings, max_body_bytes=LIMIT, max_upload_bytes=2 * LIMIT, max_message_chars=CAP
     )
-    application = create_app(changed)
-    async with application.router.lifespan_context(application):
-        await application.state.models.wait_loaded()
+    async with running_app(changed) as application:
         yield application
 
 
 @pytest.fixture
-async def client(limited: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=limited)
-    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
-        yield c
+def app(limited: FastAPI) -> FastAPI:
+    """The limited app is the one conftest's `client` talks to."""
+    return limited
 
 
 async def _messages(client: httpx.AsyncClient, conversation: str) -> list[Any]:

@@ -12,10 +12,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from parlour.app import create_app
 from parlour.auth import JwtVerifier, create_key
 from parlour.backends.sessions import StateStore
 from parlour.settings import Settings
+from tests.conftest import running_app
 
 ATTACKER = "attacker.example:8900"
 
@@ -30,9 +30,7 @@ async def configured(settings: Settings) -> AsyncIterator[FastAPI]:
     changed = dataclasses.replace(
         settings, allowed_hosts=("parlour.example",), cors_origins=("https://ui.example",)
     )
-    application = create_app(changed)
-    async with application.router.lifespan_context(application):
-        await application.state.models.wait_loaded()
+    async with running_app(changed) as application:
         yield application
 
 
@@ -134,12 +132,12 @@ def _mode(path: Path) -> int:
 
 async def test_data_directory_and_database_are_private(tmp_path: Path) -> None:
     data = tmp_path / "new" / "data"
-    application = create_app(Settings(data_dir=data, model="scripted"))
-    async with application.router.lifespan_context(application):
-        await application.state.models.wait_loaded()
-        async with await _client(application) as client:
-            created = await client.post("/conversations", json={"title": "t", "model_tag": "x"})
-            assert created.status_code in (201, 422)
+    async with (
+        running_app(Settings(data_dir=data, model="scripted")) as application,
+        await _client(application) as client,
+    ):
+        conversation = {"title": "t", "model_tag": "scripted"}
+        assert (await client.post("/conversations", json=conversation)).status_code == 201
     assert _mode(data) == 0o700
     assert _mode(data.parent) == 0o700
     database = data / "parlour.db"
