@@ -45,6 +45,7 @@ from typing import Any
 
 from ..errors import BackendError, ModelNotReady
 from ..limits import tokenising
+from ..memory import release_large_buffers
 from .base import Backend, ChatMessage, Chunk, GenerationParams
 from .convert import converted
 from .sessions import Request, Sampling, SessionScheduler, SessionStats, StateStore, StopScanner
@@ -176,6 +177,7 @@ class LlamaBackend(Backend):
 
         if not self.path.is_file():
             raise FileNotFoundError(f"model file not found: {self.path}")
+        release_large_buffers()
         native_log = logging.getLogger("llama-cpp-python")
         if native_log.level == logging.NOTSET:
             # What `Llama(verbose=False)` sets: llama.cpp's info lines (context setup, one
