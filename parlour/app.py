@@ -16,6 +16,7 @@ from .api.browser import install_cors
 from .api.errors import install_error_handlers
 from .api.security import install_auth
 from .api.shutdown import install_shutdown
+from .api.url_text import install_url_text
 from .auth import Authenticator, Principal
 from .engine import Engine
 from .files import private_dir
@@ -81,6 +82,7 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
     install_shutdown(app)
     install_auth(app)
     install_body_limit(app, settings)
+    install_url_text(app)
     install_cors(app, settings)
     app.include_router(health.router)
     app.include_router(openai.router)

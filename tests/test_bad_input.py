@@ -183,3 +183,21 @@ async def test_wrong_method_names_the_allowed_ones(
     assert response.status_code == 405
     assert response.headers.get("allow")
     assert error_of(response.json())
+
+
+@pytest.mark.parametrize(
+    ("path", "message_of"),
+    [
+        ("/admin/bots/a%00b", lambda body: body["detail"]),
+        ("/admin/kbs/x/search?q=a%00b", lambda body: body["detail"]),
+        ("/v1/usage?user_id=a%00b", lambda body: body["detail"]),
+        ("/conversations?limit=1&x=%00", lambda body: body["detail"]),
+        ("/v1/models?x=%00", lambda body: body["error"]["message"]),
+    ],
+)
+async def test_nul_in_the_url_is_refused(
+    client: httpx.AsyncClient, path: str, message_of: Any
+) -> None:
+    response = await client.get(path)
+    assert response.status_code == 400, response.text
+    assert "NUL" in message_of(response.json())

@@ -47,6 +47,7 @@ def json_request_body(model: type[BaseModel]) -> dict[str, Any]:
 
 #: Statuses the app's guards may answer on any guarded operation, before its route runs.
 GUARD_RESPONSES: dict[str, dict[str, Any]] = {
+    "400": {"description": "The URL holds NUL (%00), which no name or text may contain."},
     "403": {
         "description": "Not allowed: an admin route without an admin key, or (with no "
         "authentication configured) a Host name that is not served or a cross-site Origin; "
