@@ -166,6 +166,12 @@ async def test_empty_turns_are_refused(client: httpx.AsyncClient) -> None:
 async def test_nul_in_text_is_refused(client: httpx.AsyncClient) -> None:
     created = await client.post("/conversations", json={"title": "a\x00b", "model_tag": "x"})
     assert _detail(created)[0]["loc"] == ["body", "title"]
+    openai = await client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "a\x00b"}]},
+        headers={"x-session-key": "k"},
+    )
+    assert openai.status_code == 400 and "NUL" in openai.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

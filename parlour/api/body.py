@@ -151,10 +151,10 @@ def decode_json(raw: bytes) -> Any:
             code="invalid_json",
         ) from None
     if has_invalid_text(data):
-        # json accepts escapes like "\ud800" that no UTF-8 store or response can hold.
+        # json accepts escapes like "\ud800" and "\u0000" that no store can hold.
         raise InvalidRequest(
-            "The request body contains an unpaired surrogate escape (\\ud800-\\udfff); "
-            "send valid Unicode text.",
+            "The request body contains an unpaired surrogate escape (\\ud800-\\udfff) or "
+            "NUL (\\u0000); send valid Unicode text.",
             code="invalid_json",
         )
     return data
