@@ -78,12 +78,7 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
         kernel2.kernel2_shape(),
         bots.bot_api_shape(),
     ]
-    install_error_handlers(app)
-    install_shutdown(app)
-    install_auth(app)
-    install_body_limit(app, settings)
-    install_url_text(app)
-    install_cors(app, settings)
+    install_guards(app, settings)
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(conversations.router)
@@ -92,6 +87,17 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
     app.include_router(admin.router)
     app.include_router(admin.usage_router)
     return app
+
+
+def install_guards(app: FastAPI, settings: Settings) -> None:
+    """What runs around every route: error shapes, auth, the body and URL limits, the
+    browser rules of local mode, and the shutdown signal open streams watch."""
+    install_error_handlers(app)
+    install_shutdown(app)
+    install_auth(app)
+    install_body_limit(app, settings)
+    install_url_text(app)
+    install_cors(app, settings)
 
 
 def app_from_env() -> FastAPI:
