@@ -20,11 +20,16 @@ from .api import (
     openai,
     responses,
 )
+from .api.body import install_body_limit
+from .api.browser import install_cors
 from .api.errors import install_error_handlers
 from .api.responses_run import ResponseRunner
 from .api.security import install_auth
+from .api.shutdown import install_shutdown
+from .api.url_text import install_url_text
 from .auth import Authenticator, Principal
 from .backends.registry import registry_for
+from .files import private_dir
 from .models import ModelRegistry
 from .settings import Settings
 from .store.db import Database
@@ -40,10 +45,16 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        private_dir(settings.data_dir)
         db = Database(settings.resolved_database_url)
         await db.migrate()
         registry = models or registry_for(settings)
-        engine = Engine(db=db, models=registry)
+        engine = Engine(
+            db=db,
+            models=registry,
+            max_message_chars=settings.max_message_chars,
+            history_chars=settings.history_cache_mb * 2**20,
+        )
         owner_id = await engine.owner_id(LOCAL_OWNER)
         app.state.settings = settings
         app.state.db = db
@@ -79,8 +90,7 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
         responses.router,
         conversations_openai.router,
     ]
-    install_error_handlers(app)
-    install_auth(app)
+    install_guards(app, settings)
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(conversations.router)
@@ -91,6 +101,17 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
     app.include_router(admin.router)
     app.include_router(admin.usage_router)
     return app
+
+
+def install_guards(app: FastAPI, settings: Settings) -> None:
+    """What runs around every route: error shapes, auth, the body and URL limits, the
+    browser rules of local mode, and the shutdown signal open streams watch."""
+    install_error_handlers(app)
+    install_shutdown(app)
+    install_auth(app)
+    install_body_limit(app, settings)
+    install_url_text(app)
+    install_cors(app, settings)
 
 
 def app_from_env() -> FastAPI:

@@ -194,6 +194,21 @@ def load_public_key(path: Path) -> tuple[str, Any]:
     )
 
 
+#: The shortest HS256 secret accepted, in bytes (RFC 7518 §3.2: at least the hash's size).
+MIN_SECRET_BYTES = 32
+
+
+def check_secret(secret: str) -> str:
+    """`secret` itself, or ValueError when it is too short to sign HS256 tokens safely."""
+    size = len(secret.encode("utf-8", "surrogatepass"))
+    if size < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"PARLOUR_JWT_SECRET is {size} bytes; HS256 needs at least {MIN_SECRET_BYTES}. "
+            "Make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return secret
+
+
 class JwtVerifier:
     """Verifies JWTs against the configured keys; each key accepts only its own algorithm."""
 
@@ -209,7 +224,7 @@ class JwtVerifier:
         # so `alg: none` and HS256-with-the-public-key are refused before any check.
         self.keys: dict[str, Any] = {}
         if secret:
-            self.keys["HS256"] = secret
+            self.keys["HS256"] = check_secret(secret)
         if public_key is not None:
             algorithm, key = public_key
             self.keys[algorithm] = key

@@ -38,6 +38,10 @@ class InvalidRequest(
             self.code = code
 
 
+class MessageTooLong(InvalidRequest, code="message_too_long"):
+    """A message is longer than PARLOUR_MAX_MESSAGE_CHARS."""
+
+
 class ContextLengthExceeded(InvalidRequest, code="context_length_exceeded"):
     """The new message alone does not fit in the model's context window."""
 
@@ -78,6 +82,16 @@ class BackendError(ParlourError, status=500, code="backend_error", type="server_
 
 class Forbidden(ParlourError, status=403, code="forbidden", type="permission_error"):
     """The credentials are valid but do not allow this."""
+
+
+class UnsupportedMediaType(
+    ParlourError, status=415, code="unsupported_media_type", type="invalid_request_error"
+):
+    """The body is not in a format the route reads."""
+
+
+class ServerShuttingDown(ParlourError, status=503, code="server_shutting_down"):
+    """The server is shutting down; the generation was stopped."""
 
 
 class Conflict(ParlourError, status=409, code="conflict", type="invalid_request_error"):

@@ -32,6 +32,16 @@ class Settings:
     insecure: bool = False
     workers: int = 1
     max_body_bytes: int = 1_000_000
+    #: Document uploads under /admin/ may be larger than other bodies.
+    max_upload_bytes: int = 64 * 1024 * 1024
+    #: Longest user message, in characters.
+    max_message_chars: int = 100_000
+    #: Memory for the newest messages of recently active conversations (MiB, roughly).
+    history_cache_mb: int = 64
+    #: Host names served in local mode besides the loopback names.
+    allowed_hosts: tuple[str, ...] = ()
+    #: Origins whose pages may call the API (CORS); others are refused in local mode.
+    cors_origins: tuple[str, ...] = ()
     #: Seconds without a token after which kernel2 streams send a `: heartbeat` comment.
     heartbeat_seconds: float = 10.0
     strict_models: bool = False
@@ -71,7 +81,12 @@ class Settings:
             value = getattr(self, name)
             if value is None:
                 continue
-            env[option.env] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+            if isinstance(value, bool):
+                env[option.env] = "1" if value else "0"
+            elif isinstance(value, tuple):
+                env[option.env] = ",".join(value)
+            else:
+                env[option.env] = str(value)
         return env
 
     @property
@@ -102,8 +117,13 @@ class Settings:
         return cls(**values)
 
 
-def _bool(raw: str) -> bool:
+def boolean(raw: str) -> bool:
+    """A yes/no setting's text: 1, true, yes or on."""
     return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
 @dataclass(frozen=True)
@@ -121,7 +141,7 @@ class Option:
         default = self.default_text
         if default is None:
             value = Settings.__dataclass_fields__[name].default
-            default = None if value in (None, False, MISSING) else str(value)
+            default = None if value in (None, False, MISSING, ()) else str(value)
         return f"{self.help} [{self.env}" + (f"; {default}]" if default else "]")
 
 
@@ -147,18 +167,39 @@ OPTIONS: dict[str, Option] = {
     "config": Option("PARLOUR_CONFIG", Path, "TOML file declaring models."),
     "insecure": Option(
         "PARLOUR_INSECURE",
-        _bool,
+        boolean,
         "Allow listening on a non-loopback address without authentication.",
     ),
     "workers": Option(
         "PARLOUR_WORKERS", int, "Server processes sharing the port; more than 1 needs PostgreSQL."
     ),
     "max_body_bytes": Option("PARLOUR_MAX_BODY_BYTES", int, "Largest request body accepted."),
+    "max_upload_bytes": Option(
+        "PARLOUR_MAX_UPLOAD_BYTES", int, "Largest document upload accepted (admin API)."
+    ),
+    "max_message_chars": Option(
+        "PARLOUR_MAX_MESSAGE_CHARS", int, "Longest message accepted, in characters."
+    ),
+    "history_cache_mb": Option(
+        "PARLOUR_HISTORY_CACHE_MB", int, "Memory for recent conversations' messages."
+    ),
+    "allowed_hosts": Option(
+        "PARLOUR_ALLOWED_HOSTS",
+        _list,
+        "Host names served without authentication besides loopback ones (comma-separated).",
+    ),
+    "cors_origins": Option(
+        "PARLOUR_CORS_ORIGINS",
+        _list,
+        "Web origins allowed to call the API from a browser (comma-separated).",
+    ),
     "heartbeat_seconds": Option(
         "PARLOUR_HEARTBEAT_SECONDS", float, "Seconds between heartbeats of idle kernel2 streams."
     ),
     "strict_models": Option(
-        "PARLOUR_STRICT_MODELS", _bool, "Answer 404 for unknown model names instead of the default."
+        "PARLOUR_STRICT_MODELS",
+        boolean,
+        "Answer 404 for unknown model names instead of the default.",
     ),
     "llama_threads": Option(
         "PARLOUR_LLAMA_THREADS", int, "Threads of the embedded model.", "half the cores"
@@ -175,7 +216,7 @@ OPTIONS: dict[str, Option] = {
         "OpenAI requests without a session: `reject` (400) or `stateless`.",
     ),
     "session_from_user": Option(
-        "PARLOUR_SESSION_FROM_USER", _bool, "Take the session from the OpenAI `user` field."
+        "PARLOUR_SESSION_FROM_USER", boolean, "Take the session from the OpenAI `user` field."
     ),
     "responses_truncation": Option(
         "PARLOUR_RESPONSES_TRUNCATION",

@@ -184,7 +184,7 @@ async def test_patch_title_and_model(tmp_path: Path) -> None:
     async with app.router.lifespan_context(app):
         await app.state.models.wait_loaded()
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             made = await create(client, title="t", model_tag="alpha")
             beta = app.state.models.get("beta").backend
             alpha = app.state.models.get("alpha").backend
@@ -636,7 +636,7 @@ async def failing_client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app):
         await app.state.models.wait_loaded()
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             yield client
 
 

@@ -211,7 +211,7 @@ async def test_max_tokens_is_capped_to_what_fits(small_app: FastAPI) -> None:
     scripted = small_app.state.models.default.backend
     assert isinstance(scripted, ScriptedBackend)
     transport = httpx.ASGITransport(app=small_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         history = [{"role": "user", "content": f"old message {i} " * 20} for i in range(20)]
         messages = [*history, {"role": "user", "content": "new"}]
         body = {"messages": messages, "stream": False}
@@ -235,7 +235,7 @@ async def test_model_not_ready_is_503(tmp_path: Path) -> None:
     async with application.router.lifespan_context(application):
         await application.state.models.wait_loaded()
         transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             response = await client.post(CHAT, json=ask())
     assert response.status_code == 503
     body = response.json()

@@ -52,7 +52,7 @@ async def running(
         if wait:
             await app.state.models.wait_loaded()
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://parlour.test") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             yield app, c
 
 
@@ -395,7 +395,7 @@ async def sdk(app: FastAPI) -> AsyncIterator[openai.AsyncOpenAI]:
     """The official async client talking to the in-process app with a session key."""
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as http:
         yield openai.AsyncOpenAI(
-            base_url="http://parlour.test/v1",
+            base_url="http://localhost/v1",
             api_key="unused",
             http_client=http,  # type: ignore[arg-type]
             default_headers={"x-session-key": "sdk:session"},
@@ -454,7 +454,7 @@ async def test_sdk_errors_map_to_exceptions(app: FastAPI, sdk: openai.AsyncOpenA
 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as http:
         keyless = openai.AsyncOpenAI(
-            base_url="http://parlour.test/v1",
+            base_url="http://localhost/v1",
             api_key="unused",
             http_client=http,  # type: ignore[arg-type]
             max_retries=0,

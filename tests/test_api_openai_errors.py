@@ -61,7 +61,7 @@ async def app_with(settings: Settings) -> AsyncIterator[StartApp]:
             await application.state.models.wait_loaded()
             transport = httpx.ASGITransport(app=application)
             return await stack.enter_async_context(
-                httpx.AsyncClient(transport=transport, base_url="http://parlour.test")
+                httpx.AsyncClient(transport=transport, base_url="http://localhost")
             )
 
         yield start
@@ -459,7 +459,7 @@ async def failing(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.Asyn
     async with application.router.lifespan_context(application):
         await registry.wait_loaded()
         transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://parlour.test") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             yield application, c
 
 

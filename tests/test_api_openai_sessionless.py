@@ -39,7 +39,7 @@ async def sdk_for(settings: Settings) -> AsyncIterator[tuple[FastAPI, openai.Asy
             yield (
                 app,
                 openai.AsyncOpenAI(
-                    base_url="http://parlour.test/v1",
+                    base_url="http://localhost/v1",
                     api_key="unused",
                     http_client=http,  # type: ignore[arg-type]
                     max_retries=0,

@@ -427,7 +427,7 @@ async def test_long_history_keeps_the_newest_turns(small_app: FastAPI) -> None:
     backend = small_app.state.models.default.backend
     assert isinstance(backend, ScriptedBackend) and backend.context_length == 64
     transport = httpx.ASGITransport(app=small_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://parlour.test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         for turn in range(1, 16):
             answer = await reply(client, "long", user(f"note {turn}"))
             users = sum(m.role == "user" for m in backend.calls[-1].messages)

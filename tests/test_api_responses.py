@@ -37,7 +37,7 @@ async def http(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(
         transport=transport,
-        base_url="http://parlour.test",
+        base_url="http://localhost",
         headers={"Authorization": f"Bearer {hs256('alice')}"},
     ) as client:
         yield client
@@ -49,7 +49,7 @@ def sdk_for(http: httpx.AsyncClient) -> SdkFactory:
 
     def make(owner: str) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
-            base_url="http://parlour.test/v1",
+            base_url="http://localhost/v1",
             api_key=hs256(owner),
             http_client=http,  # type: ignore[arg-type]
             max_retries=0,

@@ -66,7 +66,7 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
             await app.state.models.wait_loaded()
             client = await stack.enter_async_context(
                 httpx.AsyncClient(
-                    transport=httpx.ASGITransport(app=app), base_url="http://parlour.test"
+                    transport=httpx.ASGITransport(app=app), base_url="http://localhost"
                 )
             )
             return Running(app, client)

@@ -125,7 +125,7 @@ async def _client(tmp_path: Path, *urls: str, **kwargs: float) -> AsyncIterator[
     async with app.router.lifespan_context(app):
         await app.state.models.wait_loaded()
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://parlour.test") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             yield c
 
 

@@ -75,7 +75,9 @@ class Chat:
             await app.state.models.wait_loaded()
             self.backends.append(app.state.models.default.backend)
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://localhost"
+            ) as client:
                 yield client
 
 

@@ -56,7 +56,7 @@ async def small(tmp_path: Path, database_url: str | None) -> Any:
     async with app.router.lifespan_context(app):
         await app.state.models.wait_loaded()
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             yield app, client
 
 

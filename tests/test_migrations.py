@@ -168,7 +168,7 @@ async def test_upgraded_database_serves_the_old_session(
     async with app.router.lifespan_context(app):
         await app.state.models.wait_loaded()
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             reply = await client.post(
                 "/v1/chat/completions",
                 headers={"x-session-key": "k"},

@@ -58,7 +58,7 @@ def request_schema(spec: dict[str, Any], path: str) -> dict[str, Any]:
 
 async def openapi(app: FastAPI) -> dict[str, Any]:
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://parlour.test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         response = await client.get("/openapi.json")
     assert response.status_code == 200, response.text
     document: dict[str, Any] = response.json()

@@ -21,7 +21,7 @@ from parlour.settings import Settings
 from parlour.store import queries
 from parlour.store.db import Database
 from parlour.store.tables import Conversation, Message, Usage, utcnow
-from parlour.turns.history import HistoryCache
+from parlour.turns.history import ROW_OVERHEAD, HistoryCache
 
 URL = "/v1/chat/completions"
 
@@ -46,7 +46,7 @@ async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app):
         await app.state.models.wait_loaded()
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://other.test") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             yield c
 
 
@@ -291,11 +291,23 @@ def test_history_keeps_only_what_can_be_asked_for() -> None:
 
 
 def test_history_memory_is_bounded() -> None:
-    cache = HistoryCache(max_chars=100, max_conversations=3)
+    row = 30 + ROW_OVERHEAD
+    cache = HistoryCache(max_chars=3 * row + 10, max_conversations=3)
     ids = [uuid.uuid4() for _ in range(5)]
     for cid in ids:
         cache.put(cid, 0, [item("x" * 30)], complete=True, keep=10)
-    assert len(cache) == 3 and cache.chars == 90
+    assert len(cache) == 3 and cache.chars == 3 * row
     assert cache.get(ids[0], 0, 10) is None and cache.get(ids[4], 0, 10) is not None
-    cache.put(ids[4], 1, [item("y" * 80)], complete=True, keep=10)
-    assert cache.chars <= 100
+    cache.put(ids[4], 1, [item("y" * 3 * row)], complete=True, keep=10)
+    assert cache.chars <= 3 * row + 10
+
+
+def test_history_counts_each_message_not_only_its_text() -> None:
+    # Many empty messages still cost memory: the bound holds for them too.
+    cache = HistoryCache(max_chars=100 * ROW_OVERHEAD)
+    cid = uuid.uuid4()
+    cache.put(cid, 0, [item("")], complete=True, keep=100_000)
+    for position in range(1, 1000):
+        cache.append(cid, position - 1, item(""), position, keep=100_000)
+    assert cache.chars <= 100 * ROW_OVERHEAD
+    assert cache.get(cid, 999, 1000) is None  # a thousand messages do not fit that bound

@@ -25,9 +25,18 @@ from ..knowledge.documents import SourceDocument, open_document
 from ..store.tables import KbDocument
 from .body import too_large
 from .deps import AdminDep, EngineDep, ReadSession, WriteSession
+from .wire import Int, Number, Text
 
-router = APIRouter(prefix="/admin", tags=["admin"])
-usage_router = APIRouter(tags=["admin"])
+#: What admin routes answer besides their result, all as `{"detail": message}`.
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "A value the store refuses (a slug or name of the wrong form)."},
+    403: {"description": "Not an admin principal."},
+    404: {"description": "No such bot, knowledge base or document."},
+    409: {"description": "The slug or name is taken."},
+}
+
+router = APIRouter(prefix="/admin", tags=["admin"], responses=ADMIN_ERRORS)
+usage_router = APIRouter(tags=["admin"], responses=ADMIN_ERRORS)
 
 #: Largest document upload accepted, in bytes.
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
@@ -39,18 +48,18 @@ class BotCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     uid: uuid.UUID | None = Field(default=None, description="Default: a new random uid.")
-    slug: str
-    name: str
-    system_prompt: str
-    description: str = ""
-    model: str | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: int | None = Field(default=None, ge=1)
+    slug: Text
+    name: Text
+    system_prompt: Text
+    description: Text = ""
+    model: Text | None = None
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    max_tokens: Int | None = Field(default=None, ge=1)
     enable_l0_retrieval: bool | None = Field(
         default=None, description="Default: on when a knowledge base is given."
     )
-    kb: str | None = Field(default=None, description="A knowledge base's name.")
-    welcome_message: str = ""
+    kb: Text | None = Field(default=None, description="A knowledge base's name.")
+    welcome_message: Text = ""
 
 
 class BotUpdate(BaseModel):
@@ -58,16 +67,16 @@ class BotUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    slug: str | None = None
-    name: str | None = None
-    system_prompt: str | None = None
-    description: str | None = None
-    model: str | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: int | None = Field(default=None, ge=1)
+    slug: Text | None = None
+    name: Text | None = None
+    system_prompt: Text | None = None
+    description: Text | None = None
+    model: Text | None = None
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    max_tokens: Int | None = Field(default=None, ge=1)
     enable_l0_retrieval: bool | None = None
-    kb: str | None = None
-    welcome_message: str | None = None
+    kb: Text | None = None
+    welcome_message: Text | None = None
 
 
 class KbCreate(BaseModel):
@@ -75,8 +84,8 @@ class KbCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    description: str = ""
+    name: Text
+    description: Text = ""
 
 
 class KbUpdate(BaseModel):
@@ -84,8 +93,8 @@ class KbUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = None
-    description: str | None = None
+    name: Text | None = None
+    description: Text | None = None
 
 
 def _time(value: Any) -> str:

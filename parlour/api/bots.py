@@ -15,15 +15,17 @@ from ..store import queries
 from ..turns.request import BotRef, Messages, TurnRequest
 from ..turns.stream import Turn
 from . import sse
-from .body import read_body
+from .body import off_loop, read_body
 from .bots_protocol import BotChatRequest, parse, public
 from .deps import EngineDep, ModelsDep, PrincipalDep, ReadSession, SettingsDep
-from .errors import DialectRouter
+from .errors import DialectRouter, encodable_errors
 
 
 def error_body(error: ParlourError) -> Any:
     """FastAPI's `{"detail": …}`: a message, or pydantic v1's list of validation errors."""
-    return {"detail": error.errors if isinstance(error, BodyInvalid) else error.message}
+    if isinstance(error, BodyInvalid):
+        return {"detail": encodable_errors(error.errors)}
+    return {"detail": error.message}
 
 
 router = DialectRouter(tags=["bot api"], render_error=error_body)
@@ -129,10 +131,10 @@ async def chat(
     principal: PrincipalDep,
 ) -> Response:
     """Answer as a bot; the client sends the whole conversation."""
-    body = parse(await read_body(request, settings.max_body_bytes))
+    body = await off_loop(parse, await read_body(request, settings.max_body_bytes))
     turn = engine.start(turn_request(principal.owner_id, body))
     if body.stream:
-        return await sse.stream(turn, _events)
+        return await sse.stream(turn, _events, closing=sse.ending(error_body))
     async with turn:
         result = await turn.finish()
     return JSONResponse({"content": result.text})

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import BodyInvalid, BodyUnreadable
 from ..store.tables import Bot
+from .wire import MAX_INT, TEXT_ERROR, is_text
 
 Loc = tuple[str | int, ...]
 ErrorDict = dict[str, Any]
@@ -84,6 +85,8 @@ def to_bool(value: Any) -> bool:
 def to_str(value: Any) -> str:
     """pydantic v1's str: strings, and numbers written out."""
     if isinstance(value, str):
+        if not is_text(value):
+            raise _Invalid(f"value {TEXT_ERROR}", "value_error.str.unicode")
         return value
     if isinstance(value, int | float):
         return str(value)
@@ -110,6 +113,12 @@ def to_positive_int(value: Any) -> int:
             "ensure this value is greater than or equal to 1",
             "value_error.number.not_ge",
             {"limit_value": 1},
+        )
+    if number > MAX_INT:
+        raise _Invalid(
+            f"ensure this value is less than or equal to {MAX_INT}",
+            "value_error.number.not_le",
+            {"limit_value": MAX_INT},
         )
     return number
 

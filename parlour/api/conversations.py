@@ -22,6 +22,7 @@ from ..turns.request import Sampling, Stored, TurnRequest, TurnResult
 from ..turns.stream import Turn
 from . import sse
 from .deps import EngineDep, ModelsDep, PrincipalDep, ReadSession, WriteSession
+from .wire import MAX_INT, Int, Number, Text
 
 MAX_TITLE = 255
 
@@ -31,8 +32,8 @@ class ConversationCreate(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    title: str = Field(max_length=MAX_TITLE)
-    model_tag: str = Field(
+    title: Text = Field(max_length=MAX_TITLE)
+    model_tag: Text = Field(
         min_length=1, max_length=255, description="A configured model or alias (GET /v1/models)."
     )
 
@@ -42,8 +43,8 @@ class ConversationUpdate(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    title: str | None = Field(default=None, max_length=MAX_TITLE)
-    model_tag: str | None = Field(
+    title: Text | None = Field(default=None, max_length=MAX_TITLE)
+    model_tag: Text | None = Field(
         default=None,
         min_length=1,
         max_length=255,
@@ -87,7 +88,7 @@ class NewMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["user"] = "user"
-    content: str = Field(min_length=1)
+    content: Text = Field(min_length=1)
 
 
 class MessageCreate(BaseModel):
@@ -99,8 +100,8 @@ class MessageCreate(BaseModel):
     stream: bool = Field(
         default=True, description="Stream the reply as Server-Sent Events (default)."
     )
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: int | None = Field(default=None, ge=1, description="Longest reply, in tokens.")
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    max_tokens: Int | None = Field(default=None, ge=1, description="Longest reply, in tokens.")
 
 
 class ErrorDetail(BaseModel):
@@ -165,7 +166,7 @@ async def list_conversations(
     session: ReadSession,
     principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
 ) -> list[ConversationPublic]:
     """List the caller's conversations, from every dialect."""
     rows = await queries.list_conversations(session, principal.owner_id, limit=limit, offset=offset)
@@ -263,7 +264,7 @@ async def list_messages(
     session: ReadSession,
     principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
 ) -> list[MessagePublic]:
     """The stored messages of one of the caller's conversations."""
     row = await _owned(session, principal.owner_id, conversation_id)
@@ -288,6 +289,13 @@ async def _events(turn: Turn) -> AsyncIterator[str]:
 def _public(result: TurnResult) -> dict[str, Any]:
     assert result.assistant_message is not None  # a turn on a stored conversation
     return MessagePublic.model_validate(result.assistant_message).model_dump(mode="json")
+
+
+def _closing(error: ParlourError) -> list[str]:
+    return [
+        sse.event({"error": {"message": error.message}}),
+        sse.event({"done": True, "message": None}),
+    ]
 
 
 @router.post(
@@ -321,7 +329,7 @@ async def post_message(
         )
     )
     if body.stream:
-        return await sse.stream(turn, _events)
+        return await sse.stream(turn, _events, closing=_closing)
     async with turn:
         result = await turn.finish()
     return JSONResponse(_public(result))

@@ -21,6 +21,7 @@ from .deps import EngineDep, PrincipalDep, SettingsDep
 from .errors import DialectRouter
 from .openai_protocol import error_body, parse_body
 from .responses_protocol import (
+    ERRORS,
     ConversationCreate,
     ConversationUpdate,
     ItemsCreate,
@@ -33,7 +34,7 @@ from .responses_protocol import (
 )
 from .schema import json_request_body
 
-router = DialectRouter(tags=["responses"], render_error=error_body)
+router = DialectRouter(tags=["responses"], render_error=error_body, responses=ERRORS)
 
 
 def conversation_uuid(value: str) -> uuid.UUID:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -14,6 +15,10 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from ..errors import ParlourError, Unauthorized
+from .wire import encodable
+
+#: Keys of a validation error that repeat what the client sent.
+ECHOED = frozenset({"input", "ctx"})
 
 #: Renders (status, message, code, type, param) as a response body for one dialect.
 Renderer = Callable[[ParlourError], Any]
@@ -43,11 +48,15 @@ def renderer(request: Request) -> Renderer | None:
     return next((r.render_error for r in routers if r.serves(request.scope)), None)
 
 
-def error_response(request: Request, error: ParlourError) -> Response:
+def error_response(
+    request: Request, error: ParlourError, headers: Mapping[str, str] | None = None
+) -> Response:
     """Render `error` for the dialect of the route that serves the request."""
     render = renderer(request) or detail_body
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, Unauthorized) else None
-    return JSONResponse(render(error), status_code=error.status, headers=headers)
+    extra = dict(headers or {})
+    if isinstance(error, Unauthorized):
+        extra["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(render(error), status_code=error.status, headers=extra or None)
 
 
 class _HTTPError(ParlourError):
@@ -56,6 +65,28 @@ class _HTTPError(ParlourError):
         self.status = status
         self.code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
         self.type = "invalid_request_error"
+
+
+def validation_response(errors: Sequence[Any]) -> Response:
+    """A 422 `{"detail": errors}` that never echoes what JSON cannot carry."""
+    return JSONResponse({"detail": encodable_errors(errors)}, status_code=422)
+
+
+def encodable_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Validation errors without any echoed value JSON cannot carry (NaN, infinities,
+    unpaired surrogates, bytes): such an `input` or `ctx` is left out."""
+    safe: list[dict[str, Any]] = []
+    for item in errors:
+        kept: dict[str, Any] = {}
+        for key, value in item.items():
+            try:
+                encoded = jsonable_encoder(value)
+            except ValueError:  # bytes that are not UTF-8, among others
+                continue
+            if key not in ECHOED or encodable(encoded):
+                kept[key] = encoded
+        safe.append(kept if encodable(kept) else {"msg": "invalid value", "type": "value_error"})
+    return safe
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -71,13 +102,13 @@ def install_error_handlers(app: FastAPI) -> None:
             return JSONResponse(
                 {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
             )
-        return error_response(request, _HTTPError(exc.status_code, str(exc.detail)))
+        return error_response(
+            request, _HTTPError(exc.status_code, str(exc.detail)), headers=exc.headers
+        )
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        from fastapi.encoders import jsonable_encoder
-
-        return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+        return validation_response(exc.errors())
 
     app.add_exception_handler(ParlourError, on_parlour_error)
     app.add_exception_handler(HTTPException, on_http_error)

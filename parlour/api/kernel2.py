@@ -25,6 +25,7 @@ from .errors import DialectRouter
 from .openai_protocol import ContentPart, Wire, completion
 from .openai_protocol import chunk as openai_chunk
 from .schema import json_request_body
+from .wire import Int, Number, Text
 
 PREFIX = "/api/kernel2"
 DEFAULT_TEMPERATURE = 0.1
@@ -39,6 +40,9 @@ def error_body(error: ParlourError) -> dict[str, Any]:
     return {"success": False, "message": message, "code": error.status}
 
 
+#: How a Second Me stream ends when the server shuts down.
+CLOSING = sse.ending(error_body)
+
 router = DialectRouter(tags=["second me"], render_error=error_body)
 
 
@@ -46,14 +50,14 @@ class Kernel2Message(Wire):
     """A message of the history."""
 
     role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
 
 class Kernel2Metadata(Wire):
     """`metadata`: retrieval and role."""
 
     enable_l0_retrieval: bool | None = None
-    role_id: str | None = None
+    role_id: Text | None = None
 
 
 class Kernel2Request(Wire):
@@ -62,9 +66,9 @@ class Kernel2Request(Wire):
     messages: list[Kernel2Message] = Field(min_length=1)
     metadata: Kernel2Metadata | None = None
     stream: bool | None = None
-    model: str | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    max_tokens: int | None = Field(default=None, ge=1)
+    model: Text | None = None
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    max_tokens: Int | None = Field(default=None, ge=1)
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -120,8 +124,8 @@ def turn_request(owner_id: uuid.UUID, body: Kernel2Request) -> TurnRequest:
             system.append(text)
         else:
             history.append(ChatMessage(message.role, text))
-    if not history:
-        raise InvalidRequest("messages has no user message: add one to be answered.")
+    if not any(m.content for m in history if m.role == "user"):
+        raise InvalidRequest("messages has no user message with text: add one to be answered.")
     metadata = body.metadata or Kernel2Metadata()
     temperature = body.temperature if body.temperature is not None else DEFAULT_TEMPERATURE
     *earlier, new = history
@@ -227,7 +231,9 @@ async def chat(
     body = parse_request(await read_json(request, settings.max_body_bytes))
     turn = engine.start(turn_request(principal.owner_id, body))
     if body.stream is not False:
-        return await sse.stream(turn, _events(settings.heartbeat_seconds), wait_for_output=False)
+        return await sse.stream(
+            turn, _events(settings.heartbeat_seconds), wait_for_output=False, closing=CLOSING
+        )
     async with turn:
         result = await turn.finish()
     reply = completion(

@@ -68,6 +68,12 @@ def new_turn(body: ChatCompletionRequest) -> tuple[str, tuple[str, ...]]:
             "after the last assistant message.",
             param="messages",
         )
+    if not any(users):
+        raise InvalidRequest(
+            "The new turn's user messages are empty: send some text to be answered.",
+            param="messages",
+            code="invalid_value",
+        )
     return "\n\n".join(users), tuple(system)
 
 
@@ -126,7 +132,11 @@ def _command_reply(body: ChatCompletionRequest, model: str, text: str) -> Respon
             )
         yield sse.DONE
 
-    return sse.response(events())
+    return sse.response(events(), closing=CLOSING)
+
+
+#: How an OpenAI stream ends when the server shuts down: an error event, then [DONE].
+CLOSING = sse.ending(error_body)
 
 
 def _events(body: ChatCompletionRequest) -> Callable[[Turn], AsyncIterator[str]]:
@@ -234,7 +244,7 @@ async def chat_completions(
 
 async def _respond(turn: Turn, body: ChatCompletionRequest) -> Response:
     if body.stream:
-        return await sse.stream(turn, _events(body))
+        return await sse.stream(turn, _events(body), closing=CLOSING)
     return await _complete(turn)
 
 

@@ -7,6 +7,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import InvalidRequest, ParlourError
+from .wire import Int, Int64, Number, Text
 
 
 class Wire(BaseModel):
@@ -20,16 +21,16 @@ class ContentPart(Wire):
 
     model_config = ConfigDict(extra="allow", strict=True)
 
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class RequestMessage(Wire):
     """A message as a client sends it."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
 
 class StreamOptions(Wire):
@@ -41,22 +42,22 @@ class StreamOptions(Wire):
 class ChatCompletionRequest(Wire):
     """The body of POST /v1/chat/completions."""
 
-    model: str | None = None
+    model: Text | None = None
     messages: list[RequestMessage] = Field(min_length=1)
     stream: bool = False
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    top_p: Number | None = Field(default=None, ge=0, le=1)
+    max_tokens: Int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    stop: Text | list[Text] | None = None
+    seed: Int64 | None = None
+    presence_penalty: Number | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=None, ge=1, le=1)
-    user: str | None = None
+    n: Int | None = Field(default=None, ge=1, le=1)
+    user: Text | None = None
     #: The session, for clients that cannot send the x-session-key header.
-    session_id: str | None = None
+    session_id: Text | None = None
 
     @field_validator("stop")
     @classmethod

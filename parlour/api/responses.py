@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..backends.base import ChatMessage
-from ..errors import InvalidRequest, NotFound, PreviousResponseNotFound
+from ..errors import InvalidRequest, NotFound, ParlourError, PreviousResponseNotFound
 from ..settings import Settings
 from ..store import queries
 from ..store import responses as store
@@ -35,6 +35,7 @@ from .deps import EngineDep, PrincipalDep, SettingsDep
 from .errors import DialectRouter
 from .openai_protocol import error_body, parse_body
 from .responses_protocol import (
+    ERRORS,
     TERMINAL_EVENTS,
     ResponseCreate,
     echo_fields,
@@ -47,7 +48,16 @@ from .responses_protocol import (
 from .responses_run import Draft, ResponseRunner, produce
 from .schema import json_request_body
 
-router = DialectRouter(tags=["responses"], render_error=error_body)
+router = DialectRouter(tags=["responses"], render_error=error_body, responses=ERRORS)
+
+
+def _closing(error: ParlourError) -> list[str]:
+    """How a Responses stream ends when the server shuts down: an `error` event."""
+    body = {"type": "error", "code": error.code, "message": error.message, "param": None}
+    return [sse.named("error", body)]
+
+
+CLOSING = _closing
 
 #: Seconds a cancel request waits for the running response to stop before answering.
 CANCEL_WAIT_SECONDS = 30.0
@@ -122,6 +132,11 @@ async def build_draft(
     if body.conversation_id is not None:
         return await conversation_draft(engine, body, row, sampling, user)
     system, messages = chain_context(links, items, body.instructions)
+    if not messages:
+        raise InvalidRequest(
+            "There is nothing to answer: give `input` as text or at least one message.",
+            param="input",
+        )
     *earlier, new = messages
     request = TurnRequest(
         owner_id=owner_id,
@@ -184,7 +199,7 @@ async def _unstored(runner: ResponseRunner, draft: Draft, streaming: bool) -> Re
             stream.cancel()
 
     if streaming:
-        return sse.response(events())
+        return sse.response(events(), closing=CLOSING)
     async for _ in events():
         pass
     return JSONResponse(response_object(row))
@@ -228,7 +243,8 @@ async def create_response(
         stream.cancel()
         raise
     if body.stream:
-        return sse.response(_followed(runner, row.id, -1, cancel_on_exit=not body.background))
+        followed = _followed(runner, row.id, -1, cancel_on_exit=not body.background)
+        return sse.response(followed, closing=CLOSING)
     if body.background:
         return JSONResponse(response_object(row))
     try:
@@ -259,7 +275,8 @@ async def get_response(
     query = request.query_params
     if query.get("stream", "").lower() in ("true", "1"):
         after = query_int(query.get("starting_after"), "starting_after", -1, low=-1, high=2**31)
-        return sse.response(_followed(runner, row.id, after, cancel_on_exit=False))
+        followed = _followed(runner, row.id, after, cancel_on_exit=False)
+        return sse.response(followed, closing=CLOSING)
     return JSONResponse(response_object(row))
 
 

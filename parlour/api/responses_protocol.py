@@ -350,3 +350,12 @@ def echo_fields(body: ResponseCreate, *, truncation: str) -> dict[str, Any]:
         "truncation": truncation,
         "user": body.user,
     }
+
+
+#: What the Responses and Conversations routes may answer besides 200, in OpenAI's shape.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Invalid or unsupported request (OpenAI error object)."},
+    404: {"description": "No such response, conversation or item of this owner."},
+    409: {"description": "The response is not in a state that allows this."},
+    503: {"description": "The model is not loaded yet."},
+}

@@ -43,3 +43,34 @@ def json_request_body(model: type[BaseModel]) -> dict[str, Any]:
             "content": {"application/json": {"schema": inline_schema(model)}},
         }
     }
+
+
+#: Statuses the app's guards may answer on any guarded operation, before its route runs.
+GUARD_RESPONSES: dict[str, dict[str, Any]] = {
+    "400": {"description": "The URL holds NUL (%00), which no name or text may contain."},
+    "403": {
+        "description": "Not allowed: an admin route without an admin key, or (with no "
+        "authentication configured) a Host name that is not served or a cross-site Origin; "
+        "in this dialect's error shape."
+    },
+}
+
+#: Statuses every operation that takes a body may answer.
+BODY_RESPONSES: dict[str, dict[str, Any]] = {
+    "400": {"description": "The body cannot be read: not UTF-8, or not JSON."},
+    "413": {"description": "The body is larger than PARLOUR_MAX_BODY_BYTES."},
+    "415": {
+        "description": "With no authentication configured, a body that is not JSON "
+        "(a browser's cross-site form or text/plain post)."
+    },
+}
+
+
+def declare_guard_statuses(operation: dict[str, Any]) -> None:
+    """Add the statuses the guards and the body limit answer to one operation's responses."""
+    responses = operation.setdefault("responses", {})
+    for status, response in GUARD_RESPONSES.items():
+        responses.setdefault(status, response)
+    if "requestBody" in operation:
+        for status, response in BODY_RESPONSES.items():
+            responses.setdefault(status, response)

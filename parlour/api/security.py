@@ -11,7 +11,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..auth import Authenticator
 from ..errors import Unauthorized
+from .browser import local_refusal
 from .errors import error_response
+from .schema import declare_guard_statuses
 
 HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
@@ -52,6 +54,11 @@ class AuthMiddleware:
                 await error_response(request, exc)(scope, receive, send)
                 return
             request.state.principal = principal
+            if principal is auth.local:
+                refusal = local_refusal(request, request.app.state.settings)
+                if refusal is not None:
+                    await error_response(request, refusal)(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
 
 
@@ -67,6 +74,7 @@ def _document(generate: Callable[[], dict[str, Any]], public: frozenset[str]) ->
                 operation["security"] = []
                 continue
             operation["security"] = [{"bearerAuth": []}]
+            declare_guard_statuses(operation)
             operation.setdefault("responses", {}).setdefault(
                 "401",
                 {

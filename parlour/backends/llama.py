@@ -45,7 +45,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..bounds import tokenising
 from ..errors import BackendError, ModelNotReady
+from ..memory import release_large_buffers
 from .base import Backend, ChatMessage, Chunk, GenerationParams, Prompt
 from .convert import converted
 from .llama_scheduler import (
@@ -197,6 +199,7 @@ class LlamaBackend(Backend):
             raise FileNotFoundError(f"model file not found: {self.path}")
         import llama_cpp
 
+        release_large_buffers()
         # llama.cpp's own lines (context setup, one per restored session state, the unified
         # cache's "n_ctx_seq > n_ctx_train" note) go to logging at debug level: out of the
         # console unless `--log-level debug`.
@@ -351,7 +354,7 @@ class LlamaBackend(Backend):
         scheduler = self._scheduler
         if scheduler is None:
             raise ModelNotReady(f"Model {self.path.name} is not loaded yet; try again shortly.")
-        tokens = self.encode(messages)
+        tokens = await tokenising(sum(len(m.content) for m in messages), self.encode, messages)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
 

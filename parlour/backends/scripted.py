@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
+from ..bounds import tokenising
 from .base import Backend, ChatMessage, Chunk, GenerationParams, Prompt
 
 #: Sessions whose last prompt is remembered (the oldest forgotten first).
@@ -34,13 +35,18 @@ class ScriptedBackend(Backend):
 
     kind = "scripted"
 
-    def __init__(self, *, context_length: int = 4096, token_delay: float = 0.0) -> None:
+    def __init__(
+        self, *, context_length: int = 4096, token_delay: float = 0.0, calls_kept: int = 256
+    ) -> None:
         self.context_length = context_length
         self.token_delay = token_delay
         self.queue: deque[str] = deque()
+        #: The most recent calls, oldest first: at most `calls_kept` of them, so a
+        #: long-running `serve --model scripted` does not grow with every turn.
         self.calls: list[ScriptedCall] = []
         #: Each session's last prompt, so a follow-up reports the shared prefix as cached.
         self.session_prompts: dict[str, tuple[ChatMessage, ...]] = {}
+        self.calls_kept = calls_kept
 
     def enqueue(self, *replies: str) -> None:
         """Queue replies to be returned in order before falling back to echoing."""
@@ -65,7 +71,10 @@ class ScriptedBackend(Backend):
         self, messages: Prompt, params: GenerationParams, *, session: str | None = None
     ) -> AsyncGenerator[Chunk, None]:
         self.calls.append(ScriptedCall(tuple(messages), params, session))
-        costs = [self.count_tokens(m.content) + 2 for m in messages]
+        if len(self.calls) > self.calls_kept:
+            del self.calls[: len(self.calls) - self.calls_kept]
+        size = sum(len(m.content) for m in messages)
+        costs = await tokenising(size, lambda: [self.count_tokens(m.content) + 2 for m in messages])
         prompt = sum(costs) + 1
         cached = sum(costs[: self._shared(messages, session)])
         text = self.reply_for(messages)

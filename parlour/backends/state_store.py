@@ -10,6 +10,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..files import open_private, private_dir
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -41,7 +43,7 @@ class StateStore:
                     shutil.rmtree(other, ignore_errors=True)
             self.directory = directory / str(os.getpid())
             shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory.mkdir(parents=True, exist_ok=True)
+            private_dir(self.directory)
 
     def __contains__(self, session: str) -> bool:
         return session in self._ram or session in self._disk
@@ -107,7 +109,7 @@ class StateStore:
         name = hashlib.sha256(session.encode()).hexdigest()[:40]
         path = self.directory / f"{name}.state"
         temp = path.with_suffix(".state.tmp")
-        with temp.open("wb") as out:
+        with open_private(temp) as out:
             out.write(struct.pack("<Q", len(tokens)))
             out.write(struct.pack(f"<{len(tokens)}i", *tokens))
             out.write(data)

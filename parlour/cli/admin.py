@@ -17,7 +17,7 @@ from .. import bots
 from ..errors import ParlourError
 from ..knowledge import index as knowledge
 from ..knowledge.documents import SourceDocument, open_document
-from ..settings import OPTIONS, Settings
+from ..settings import OPTIONS, Settings, boolean
 from ..store.db import Database
 
 T = TypeVar("T")
@@ -33,7 +33,7 @@ def setting(name: str, **extra: Any) -> Callable[[Callable[..., Any]], Callable[
         )
     elif option.parse in (int, float):
         kwargs["type"] = option.parse
-    elif option.parse is not str:
+    elif option.parse is boolean:
         kwargs["is_flag"] = True
     return click.option("--" + name.replace("_", "-"), **{**kwargs, **extra})
 

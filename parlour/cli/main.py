@@ -73,15 +73,11 @@ def serve(log_level: str, **options: Any) -> None:
             timeout_graceful_shutdown=5,
         )
         return
+    from ..api.shutdown import serve as serve_app
+
     app = create_app(settings)
     freeze_startup_objects()
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level.lower(),
-        timeout_graceful_shutdown=5,
-    )
+    serve_app(app, host=settings.host, port=settings.port, log_level=log_level.lower())
 
 
 def _check_auth(settings: Settings) -> None:

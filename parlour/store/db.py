@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from ..files import private_file
 from . import sqlite
 from .direct import Direct, DirectPool
 
@@ -74,7 +75,7 @@ class Database:
         self.gate = sqlite.WriteGate(database if on_file else None)
         if self.is_sqlite:
             if database and on_file:
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
+                private_file(Path(database))
             # Statements run on the event loop's thread; this process's write
             # transactions take turns on one lock instead of SQLite's busy handler.
             kwargs["async_creator"] = sqlite.connector(database or ":memory:", self.gate)

@@ -6,7 +6,7 @@ from typing import Protocol
 
 from ..models import ModelRegistry
 from ..store.db import Database
-from .history import HistoryCache
+from .history import MAX_CHARS, HistoryCache
 from .locks import turn_locks
 from .sessions import Sessions
 
@@ -24,10 +24,19 @@ class Running(Protocol):
 class Core:
     """The shared state of the turn pipeline, owned by the engine."""
 
-    def __init__(self, *, db: Database, models: ModelRegistry) -> None:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        models: ModelRegistry,
+        max_message_chars: int | None = None,
+        history_chars: int = MAX_CHARS,
+    ) -> None:
         self.db = db
         self.models = models
+        #: The longest message a turn accepts, in characters (None: no limit).
+        self.max_message_chars = max_message_chars
         self.locks = turn_locks(db.url, is_sqlite=db.is_sqlite)
-        self.history = HistoryCache()
+        self.history = HistoryCache(max_chars=history_chars)
         self.sessions = Sessions(db=db, models=models)
         self.running: set[Running] = set()

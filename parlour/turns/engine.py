@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+from ..bounds import check_messages
 from ..store import queries
 from ..store.tables import Conversation
 from .core import Core
-from .request import BotRef, TurnRequest
+from .request import BotRef, Messages, TurnRequest
 from .stream import Turn
 
 
@@ -17,7 +18,10 @@ class Engine(Core):
 
     def start(self, request: TurnRequest) -> Turn:
         """Start a turn in the background and return its handle (an async context manager
-        that cancels the turn on exit)."""
+        that cancels the turn on exit); a message over the length limit is refused here."""
+        history = request.target.history if isinstance(request.target, Messages) else ()
+        texts = (m.content for m in (*history, *request.earlier, request.new))
+        check_messages(texts, self.max_message_chars)
         return Turn(self, request)
 
     async def owner_id(self, name: str) -> uuid.UUID:

@@ -20,9 +20,17 @@ from dataclasses import dataclass
 #: A stored message as a turn needs it: (role, content, token count).
 Row = tuple[str, str, int]
 
-#: Characters of message text kept for all conversations together; the least recently
-#: used conversations are forgotten first.
+#: Characters of message text kept for all conversations together (each message also
+#: counts ROW_OVERHEAD for its objects); the least recently used are forgotten first.
 MAX_CHARS = 64 * 2**20
+#: What a kept message costs beyond its text: its tuple, string and number objects.
+ROW_OVERHEAD = 160
+
+
+def _cost(row: Row) -> int:
+    return len(row[1]) + ROW_OVERHEAD
+
+
 #: Conversations remembered at most.
 MAX_CONVERSATIONS = 4096
 
@@ -78,7 +86,7 @@ class HistoryCache:
         if len(items) > keep:
             complete = False
         items = items[-keep:] if keep > 0 else []  # a copy: the caller keeps its own list
-        entry = _Entry(last_position, items, complete, sum(len(i[1]) for i in items))
+        entry = _Entry(last_position, items, complete, sum(_cost(i) for i in items))
         self._entries[conversation_id] = entry
         self.chars += entry.chars
         self._shrink()
@@ -102,9 +110,9 @@ class HistoryCache:
             return
         entry.items.append(item)
         entry.last_position = position
-        added = len(item[1])
+        added = _cost(item)
         while len(entry.items) > keep:
-            added -= len(entry.items.pop(0)[1])
+            added -= _cost(entry.items.pop(0))
             entry.complete = False
         entry.chars += added
         self.chars += added

@@ -7,6 +7,7 @@ from typing import Any
 
 from .. import usage
 from ..backends.base import ChatMessage
+from ..bounds import tokenising
 from ..errors import NotFound, SessionMoved
 from ..knowledge.index import Hit
 from ..store import queries
@@ -58,7 +59,9 @@ async def open_turn(engine: Core, request: TurnRequest, conversation_id: Any) ->
             raise NotFound("Conversation not found")
         conversation, last_position = found
         bot = await load_bot(engine.db, conversation.bot_id)
-        plan = settle(
+        plan = await tokenising(
+            len(request.new.content),
+            settle,
             engine.models,
             request,
             bot=bot,
@@ -80,6 +83,8 @@ async def open_turn(engine: Core, request: TurnRequest, conversation_id: Any) ->
         loaded = rows is None
         if rows is None:
             rows = await queries.recent_history(conn, conversation.id, limit=keep)
+        content = request.new.content
+        user_tokens = await tokenising(len(content), plan.backend.count_tokens, content)
         now = utcnow()
         user_message = await queries.insert_message(
             conn,
@@ -87,7 +92,7 @@ async def open_turn(engine: Core, request: TurnRequest, conversation_id: Any) ->
             position=last + 1,
             role="user",
             content=request.new.content,
-            token_count=plan.backend.count_tokens(request.new.content),
+            token_count=user_tokens,
             now=now,
         )
         await queries.touch_conversation(conn, conversation, now, **_changes(request, conversation))

@@ -7,6 +7,7 @@ import uuid
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
+from ..bounds import tokenising
 from ..errors import InvalidRequest
 from ..models import ModelRegistry
 from ..store import queries
@@ -72,7 +73,11 @@ class Sessions:
                         )
                     found.bot_id = chosen.uid
                 return found
-            plan = settle(self._models, first, bot=chosen) if first is not None else None
+            plan = (
+                await tokenising(len(first.new.content), settle, self._models, first, bot=chosen)
+                if first is not None
+                else None
+            )
             model = plan.model if plan is not None else self._models.get(None)
             try:
                 async with self._db.session() as session, session.begin():

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
 from ..backends.base import Backend, ChatMessage, FinishReason, GenerationParams
+from ..bounds import tokenising
 from ..errors import (
     BackendError,
     ContextLengthExceeded,
@@ -151,17 +152,20 @@ class Turn:
     async def _unpersisted(self, target: Messages) -> None:
         engine, request = self.engine, self.request
         bot = await load_bot(engine.db, request.bot)
-        plan = settle(engine.models, request, bot=bot)
+        plan = await tokenising(len(request.new.content), settle, engine.models, request, bot=bot)
         self.model = plan.model.spec.name
         backend = plan.backend
         hits = await retrieve(engine.db, request, bot, [*target.history, request.new])
-        fitted, kept = fit_with_knowledge(
-            backend,
-            parts=plan.system,
-            hits=hits,
-            history=[HistoryItem(m, backend.count_tokens(m.content)) for m in target.history],
-            new=request.new,
-            reply_budget=plan.reserve,
+        fitted, kept = await tokenising(
+            sum(len(m.content) for m in (*target.history, request.new)),
+            lambda: fit_with_knowledge(
+                backend,
+                parts=plan.system,
+                hits=hits,
+                history=[HistoryItem(m, backend.count_tokens(m.content)) for m in target.history],
+                new=request.new,
+                reply_budget=plan.reserve,
+            ),
         )
         if fitted.dropped and not request.truncate:
             raise ContextLengthExceeded(
@@ -205,7 +209,10 @@ class Turn:
         self._check_cancel()
         opened = await persist.open_turn(self.engine, self.request, conversation_id)
         self.model = opened.plan.model.spec.name
-        fitted, _kept = fit_with_knowledge(
+        size = len(self.request.new.content) + sum(len(h.message.content) for h in opened.history)
+        fitted, _kept = await tokenising(
+            size,
+            fit_with_knowledge,
             opened.plan.backend,
             parts=opened.plan.system,
             hits=opened.hits,
