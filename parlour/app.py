@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from . import __version__
-from .api import admin, bots, conversations, health, kernel2, openai
+from .api import admin, bots, conversations, health, kernel2, openai, web
 from .api.errors import install_error_handlers
 from .api.security import install_auth
 from .auth import Authenticator, Principal
@@ -61,6 +61,9 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
         version=__version__,
         summary="A self-hosted chat server for language models with server-side memory.",
         lifespan=lifespan,
+        # The chat page's router serves /docs from local files; ReDoc would need a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.error_shapes = [
         openai.openai_shape(),
@@ -68,6 +71,7 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
         bots.bot_api_shape(),
     ]
     install_error_handlers(app)
+    web.install(app)
     install_auth(app)
     app.include_router(health.router)
     app.include_router(openai.router)

@@ -1,0 +1,302 @@
+"""The chat page at `/` in a real browser, against a real `parlour serve` process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Dialog, Page, expect
+
+from tests.conftest import ServerProcess, fresh_database, server_env, start_server
+from tests.support.browser import chromium, offline, screenshot
+
+pytestmark = pytest.mark.browser
+
+#: Two scripted models: `scripted` answers at once, `slow` writes a word every 50 ms.
+CONFIG = """
+default = "scripted"
+
+[[models]]
+name = "scripted"
+backend = "scripted"
+context_length = 2048
+
+[[models]]
+name = "slow"
+backend = "scripted"
+context_length = 2048
+token_delay = 0.05
+"""
+LONG = " ".join(f"w{i}" for i in range(400))
+TIMEOUT = 30_000
+expect.set_options(timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """One Chromium for the module."""
+    with chromium() as found:
+        yield found
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server with the two scripted models and no auth."""
+    root = tmp_path_factory.mktemp("web")
+    config = root / "models.toml"
+    config.write_text(CONFIG)
+    with fresh_database() as url:
+        process = start_server(root / "data", "--config", str(config), env=server_env(url))
+        yield process
+        process.stop()
+
+
+@pytest.fixture
+def page(browser: Browser, server: ServerProcess) -> Iterator[Page]:
+    """A fresh browser context (no stored key, no session storage) on the server's page."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    context.set_default_timeout(TIMEOUT)
+    tab = context.new_page()
+    offline(tab)
+    yield tab
+    context.close()
+
+
+def open_page(page: Page, url: str) -> None:
+    """Load the page and wait until it has loaded its conversations."""
+    page.goto(url)
+    page.wait_for_selector("body[data-ready=true]")
+
+
+def send(page: Page, text: str) -> None:
+    """Type a message and press Enter."""
+    page.get_by_label("Message", exact=True).fill(text)
+    page.get_by_label("Message", exact=True).press("Enter")
+
+
+def last_reply(page: Page) -> str:
+    """The text of the last assistant message on the page."""
+    return page.locator("article.message.assistant .body").last.inner_text()
+
+
+def conversation_id(page: Page) -> str:
+    """The open conversation's id, from the page's address."""
+    return page.url.split("#", 1)[1]
+
+
+def test_send_stream_reload_history(page: Page, server: ServerProcess) -> None:
+    open_page(page, server.url + "/")
+    page.get_by_label("Model").select_option("slow")
+    send(page, "Hello there " + " ".join(f"t{i}" for i in range(40)))
+    # The reply is on the page while it is still being written, then finishes.
+    streaming = page.locator("article.message.assistant.streaming .body")
+    expect(streaming).to_contain_text("Echo 1: Hello there")
+    expect(page.locator("article.message.assistant.streaming")).to_have_count(0)
+    expect(page.locator("article.message.assistant .body").last).to_contain_text("t39")
+    meta = page.locator("article.message.assistant .meta").last
+    expect(meta).to_contain_text("tokens")
+    expect(meta).to_contain_text("/ 2048 tokens")
+    screenshot(page, "chat-desktop")
+
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    expect(page.locator("article.message.user .body")).to_have_count(1)
+    expect(page.locator("article.message.user .body")).to_contain_text("Hello there t0")
+    expect(page.locator("article.message.assistant .body")).to_have_count(1)
+    expect(page.locator("article.message.assistant .body")).to_contain_text("t39")
+    expect(page.locator("#conversations li.active")).to_contain_text("Hello there")
+
+    page.set_viewport_size({"width": 375, "height": 740})
+    expect(page.get_by_role("button", name="Show conversations")).to_be_visible()
+    expect(page.get_by_role("button", name="New chat")).to_be_hidden()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    screenshot(page, "chat-375px")
+    page.get_by_role("button", name="Show conversations").click()
+    expect(page.get_by_role("button", name="New chat")).to_be_focused()
+    page.keyboard.press("Escape")
+    expect(page.get_by_role("button", name="New chat")).to_be_hidden()
+
+
+def test_markdown_renders_and_html_in_replies_stays_text(page: Page, server: ServerProcess) -> None:
+    dialogs: list[str] = []
+    requests: list[str] = []
+
+    def on_dialog(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.on("request", lambda request: requests.append(request.url))
+    open_page(page, server.url + "/")
+    attack = (
+        "**bold** and `code` <img src=x onerror=alert(1)> <script>alert(2)</script> "
+        '<a href="javascript:alert(3)">link</a> ![pic](http://example.com/p.png)'
+    )
+    send(page, attack)
+    reply = page.locator("article.message.assistant .body").last
+    expect(reply).to_contain_text("<img src=x onerror=alert(1)>")
+    expect(reply).to_contain_text("<script>alert(2)</script>")
+    expect(reply.locator("strong")).to_have_text("bold")
+    expect(reply.locator("code")).to_have_text("code")
+    messages = page.locator("#messages")
+    assert messages.locator("img, script, iframe, [onerror]").count() == 0
+    assert messages.locator("a[href^='javascript']").count() == 0
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    expect(page.locator("article.message.assistant .body").last).to_contain_text("<script>")
+    assert dialogs == []
+    assert not [u for u in requests if u.rstrip("/").endswith("/x") or "example.com" in u]
+
+
+def test_stop_keeps_the_partial_reply_as_cancelled(page: Page, server: ServerProcess) -> None:
+    open_page(page, server.url + "/")
+    page.get_by_label("Model").select_option("slow")
+    send(page, LONG)
+    expect(page.locator("article.message.assistant.streaming .body")).to_contain_text("w5")
+    page.get_by_role("button", name="Stop").click()
+    stopped = page.locator("article.message.assistant[data-finish=cancelled]")
+    expect(stopped).to_have_count(1)
+    expect(stopped.locator(".meta")).to_contain_text("cancelled")
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+
+    conversation = conversation_id(page)
+    rows = server.rows(
+        "SELECT content, finish_reason FROM messages WHERE role = 'assistant' "
+        "AND conversation_id = ?",
+        conversation if server.database_url else conversation.replace("-", ""),
+    )
+    assert len(rows) == 1
+    assert rows[0]["finish_reason"] == "cancelled"
+    partial = rows[0]["content"]
+    full = f"Echo 1: {LONG}"
+    assert partial and full.startswith(partial) and len(partial) < len(full)
+    expect(stopped.locator(".body")).to_have_text(partial)
+
+
+def test_reload_mid_reply_finishes_it_exactly_once(page: Page, server: ServerProcess) -> None:
+    open_page(page, server.url + "/")
+    if page.evaluate("document.body.dataset.transport") != "responses":
+        pytest.skip("the server does not serve the Responses API")
+    page.get_by_label("Model").select_option("slow")
+    words = " ".join(f"r{i}" for i in range(120))
+    send(page, words)
+    expect(page.locator("article.message.assistant.streaming .body")).to_contain_text("r3")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    expect(page.locator("article.message.assistant.streaming")).to_have_count(0)
+    reply = page.locator("article.message.assistant .body")
+    expect(reply).to_have_count(1)
+    expect(reply).to_have_text(f"Echo 1: {words}")
+    # Switching away and back shows it once as well.
+    page.get_by_role("button", name="New chat").click()
+    expect(page.locator("article.message")).to_have_count(0)
+    page.locator("#conversations .open").first.click()
+    expect(page.locator("article.message.assistant .body")).to_have_count(1)
+
+
+def test_sidebar_filter_rename_delete(page: Page, server: ServerProcess) -> None:
+    for title in ("Apples to try", "Bread recipes", "Apple pie"):
+        r = httpx.post(
+            server.url + "/conversations", json={"title": title, "model_tag": "scripted"}
+        )
+        assert r.status_code == 201, r.text
+    open_page(page, server.url + "/")
+    items = page.locator("#conversations .open")
+    expect(items.first).to_have_text("Apple pie")  # most recent first
+    page.get_by_label("Filter conversations by title").fill("apple")
+    expect(items).to_have_count(2)
+    page.get_by_label("Filter conversations by title").fill("")
+
+    page.get_by_role("button", name="Rename Bread recipes").click()
+    page.get_by_label("New title").fill("Sourdough")
+    page.get_by_label("New title").press("Enter")
+    expect(page.locator("#conversations .open", has_text="Sourdough")).to_have_count(1)
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete Apples to try").click()
+    expect(page.locator("#conversations .open", has_text="Apples to try")).to_have_count(0)
+
+    titles = [c["title"] for c in httpx.get(server.url + "/conversations").json()]
+    assert "Sourdough" in titles and "Bread recipes" not in titles
+    assert "Apples to try" not in titles
+
+
+def test_system_prompt_and_errors_are_shown(page: Page, server: ServerProcess) -> None:
+    open_page(page, server.url + "/")
+    page.get_by_role("button", name="System prompt").click()
+    page.get_by_label("System prompt for this conversation").fill("Answer briefly.")
+    send(page, "hi")
+    expect(page.locator("article.message.assistant .body")).to_contain_text("Echo 1: hi")
+    conversation = conversation_id(page)
+    state = httpx.get(f"{server.url}/ui/api/conversations/{conversation}").json()
+    assert state["system_prompt"] == "Answer briefly."
+    # A message longer than the model's whole window: a readable error, not silence.
+    send(page, " ".join(["word"] * 2100))
+    expect(page.get_by_role("alert")).to_contain_text("context")
+
+
+def test_docs_render_offline(page: Page, server: ServerProcess) -> None:
+    refused = offline(page)
+    page.goto(server.url + "/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("parlour")
+    expect(page.locator(".opblock-summary-path", has_text="/conversations").first).to_be_visible()
+    assert refused == []
+    assert httpx.get(server.url + "/redoc").status_code == 404
+
+
+def test_sign_in_with_an_api_key(browser: Browser, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with fresh_database() as url:
+        env = server_env(url)
+        args = ["key", "create", "--owner", "alice", "--data-dir", str(data)]
+        created = subprocess.run(
+            [sys.executable, "-m", "parlour", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**env, "PATH": "/usr/bin:/bin"},
+        )
+        key = created.stdout.strip().split()[-1]
+        server = start_server(data, "--model", "scripted", env=env)
+        context = browser.new_context()
+        context.set_default_timeout(TIMEOUT)
+        try:
+            page = context.new_page()
+            page.goto(server.url + "/")
+            field = page.get_by_label("API key or token")
+            field.fill(key + "x")
+            page.get_by_role("button", name="Sign in").click()
+            expect(page.locator("#signin-error")).to_contain_text("not accepted")
+            field.fill(key)
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_selector("body[data-ready=true]")
+            send(page, "signed in")
+            expect(page.locator("article.message.assistant .body")).to_contain_text("Echo 1")
+            page.reload()
+            page.wait_for_selector("body[data-ready=true]")
+            expect(page.get_by_role("button", name="Sign out")).to_be_visible()
+            page.get_by_role("button", name="Sign out").click()
+            expect(page.get_by_label("API key or token")).to_be_visible()
+        finally:
+            context.close()
+            server.stop()
+
+
+@pytest.mark.model
+def test_a_real_model_answers_on_the_page(browser: Browser, model_server: ServerProcess) -> None:
+    context = browser.new_context()
+    context.set_default_timeout(120_000)
+    try:
+        page = context.new_page()
+        offline(page)
+        open_page(page, model_server.url + "/")
+        send(page, "What is the capital of France?")
+        meta = page.locator("article.message.assistant .meta")
+        expect(meta).to_contain_text("tokens")
+        assert last_reply(page).strip()
+    finally:
+        context.close()
