@@ -10,14 +10,26 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from . import __version__
-from .api import admin, bots, conversations, health, kernel2, openai, web
+from .api import (
+    admin,
+    bots,
+    conversations,
+    conversations_openai,
+    health,
+    kernel2,
+    openai,
+    responses,
+    web,
+)
 from .api.errors import install_error_handlers
+from .api.responses_run import ResponseRunner
 from .api.security import install_auth
 from .auth import Authenticator, Principal
 from .engine import Engine
 from .models import ModelRegistry, build_registry
 from .settings import Settings
 from .store.db import Database
+from .store.notify import EventHub
 from .store.queries import LOCAL_OWNER
 
 log = logging.getLogger(__name__)
@@ -44,6 +56,9 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
         app.state.db = db
         app.state.models = registry
         app.state.engine = engine
+        hub = EventHub(db.url, is_sqlite=db.is_sqlite)
+        await hub.start()
+        app.state.responses = ResponseRunner(engine=engine, db=db, hub=hub)
         app.state.local_principal = Principal(owner_id=owner_id, name=LOCAL_OWNER, admin=True)
         app.state.auth = Authenticator.from_settings(
             settings, db=db, local=app.state.local_principal
@@ -52,6 +67,8 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
         try:
             yield
         finally:
+            await app.state.responses.close()
+            await hub.close()
             await engine.close()
             await registry.close()
             await db.close()
@@ -69,6 +86,7 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
         openai.openai_shape(),
         kernel2.kernel2_shape(),
         bots.bot_api_shape(),
+        responses.responses_shape(),
     ]
     install_error_handlers(app)
     web.install(app)
@@ -76,6 +94,8 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(conversations.router)
+    app.include_router(responses.router)
+    app.include_router(conversations_openai.router)
     app.include_router(kernel2.router)
     app.include_router(bots.router)
     app.include_router(admin.router)

@@ -143,6 +143,7 @@ class TurnResult:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 class TurnStream(GenerationStream[TurnResult]):
@@ -293,6 +294,7 @@ class TurnStream(GenerationStream[TurnResult]):
                 finish_reason=generated.finish_reason,
                 prompt_tokens=generated.prompt_tokens,
                 completion_tokens=generated.completion_tokens,
+                cached_tokens=generated.cached_tokens,
             )
         )
 

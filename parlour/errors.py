@@ -111,3 +111,9 @@ class Conflict(ParlourError):
     status = 409
     code = "conflict"
     type = "invalid_request_error"
+
+
+class PreviousResponseNotFound(NotFound):
+    """`previous_response_id` names no response of this owner."""
+
+    code = "previous_response_not_found"

@@ -38,6 +38,7 @@ class Generated:
     prompt_tokens: int
     completion_tokens: int
     elapsed_ms: int
+    cached_tokens: int = 0
 
 
 class GenerationStream(Generic[R]):
@@ -146,7 +147,7 @@ class GenerationStream(Generic[R]):
         """Stream from the backend into this handle; a cancel ends it as `cancelled`."""
         pieces: list[str] = []
         finish: FinishReason = "stop"
-        completion_tokens = 0
+        completion_tokens = cached_tokens = 0
         began = time.perf_counter()
         self._interruptible = True
         generation = backend.stream(messages, params, session=session)
@@ -161,6 +162,7 @@ class GenerationStream(Generic[R]):
                     finish = chunk.finish_reason
                     prompt_tokens = chunk.prompt_tokens or prompt_tokens
                     completion_tokens = chunk.completion_tokens
+                    cached_tokens = chunk.cached_tokens
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None:
@@ -184,4 +186,5 @@ class GenerationStream(Generic[R]):
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             elapsed_ms=int((time.perf_counter() - began) * 1000),
+            cached_tokens=cached_tokens,
         )

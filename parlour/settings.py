@@ -39,6 +39,9 @@ class Settings:
     jwt_public_key: Path | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+    #: The Responses API's `truncation` when a request leaves it out: `auto` drops the
+    #: oldest turns to fit the window, `disabled` answers 400 context_length_exceeded.
+    responses_truncation: str = "auto"
 
     @property
     def resolved_database_url(self) -> str:
@@ -106,4 +109,5 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "jwt_public_key": ("PARLOUR_JWT_PUBLIC_KEY", Path),
     "jwt_issuer": ("PARLOUR_JWT_ISSUER", str),
     "jwt_audience": ("PARLOUR_JWT_AUDIENCE", str),
+    "responses_truncation": ("PARLOUR_RESPONSES_TRUNCATION", str),
 }

@@ -48,6 +48,8 @@ class CompletionRequest:
     #: The end user the request names, recorded with the usage figures.
     user_id: str | None = None
     dialect: str | None = None
+    #: Names the backend's per-session prompt state to reuse (a chain of responses).
+    session: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class CompletionResult:
     prompt_tokens: int
     completion_tokens: int
     knowledge: tuple[Hit, ...] = ()
+    cached_tokens: int = 0
 
 
 def last_user_text(messages: Sequence[ChatMessage]) -> str:
@@ -121,6 +124,7 @@ class CompletionStream(GenerationStream[CompletionResult]):
             fitted.messages,
             request.sampling.params(max_tokens),
             prompt_tokens=fitted.prompt_tokens,
+            session=request.session,
         )
         async with engine.db.session() as session, session.begin():
             await usage.record(
@@ -141,5 +145,6 @@ class CompletionStream(GenerationStream[CompletionResult]):
                 prompt_tokens=generated.prompt_tokens,
                 completion_tokens=generated.completion_tokens,
                 knowledge=tuple(hits),
+                cached_tokens=generated.cached_tokens,
             )
         )

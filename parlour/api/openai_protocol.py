@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -94,10 +94,18 @@ def _within(param: str, parent: str) -> bool:
 
 def parse_request(data: Any) -> ChatCompletionRequest:
     """Validate a decoded body, turning the first problem into a 400 naming its parameter."""
+    return parse_body(ChatCompletionRequest, data)
+
+
+W = TypeVar("W", bound=BaseModel)
+
+
+def parse_body(model: type[W], data: Any) -> W:
+    """Validate a decoded body as `model`; the first problem is a 400 naming its parameter."""
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     try:
-        return ChatCompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
         top = _param(tuple(errors[0]["loc"]))

@@ -21,3 +21,8 @@ DONE = "data: [DONE]\n\n"
 def response(body: Any) -> StreamingResponse:
     """A text/event-stream response that proxies must not buffer."""
     return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def named(kind: str, data: Any) -> str:
+    """One event with an `event:` name and a JSON `data:` line."""
+    return f"event: {kind}\n{event(data)}"

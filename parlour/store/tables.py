@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Boolean,
     DateTime,
     Float,
@@ -207,3 +209,61 @@ class Usage(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class StoredResponse(Base):
+    """One OpenAI Responses-API response: a turn on a chain of responses or on a conversation."""
+
+    __tablename__ = "responses"
+    __table_args__ = (Index("ix_responses_owner_created", "owner_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("owners.id", ondelete="CASCADE"))
+    #: The response this one continues (previous_response_id); no foreign key, so a
+    #: deleted ancestor still gives its successors their context.
+    parent_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    #: The chain's first response: names the backend's prompt state every link reuses.
+    root_id: Mapped[str] = mapped_column(String(64))
+    conversation_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid, ForeignKey("conversations.id", ondelete="SET NULL"), nullable=True
+    )
+    status: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(255))
+    #: The input items as sent, normalised to message items.
+    input: Mapped[list[Any]] = mapped_column(JSON)
+    output_id: Mapped[str] = mapped_column(String(64))
+    output_text: Mapped[str] = mapped_column(Text, default="")
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    incomplete_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: The request fields a response object echoes (instructions, metadata, sampling...).
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class ResponseEvent(Base):
+    """One streamed event of a response, kept so any process can replay and follow it."""
+
+    __tablename__ = "response_events"
+
+    response_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("responses.id", ondelete="CASCADE"), primary_key=True
+    )
+    sequence: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class ConversationMetadata(Base):
+    """The Conversations-API `metadata` of a conversation, when it has any."""
+
+    __tablename__ = "conversation_metadata"
+
+    conversation_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+    )
+    data: Mapped[dict[str, str]] = mapped_column(JSON)

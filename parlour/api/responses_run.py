@@ -1,0 +1,249 @@
+"""Running a response: start the engine's turn, turn its deltas into Responses-API events, and
+keep them in the store's event log, which every stream (live or resumed) reads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..backends.base import ChatMessage, FinishReason
+from ..engine import Engine, Sampling, TurnRequest
+from ..errors import ParlourError
+from ..generation import GenerationStream
+from ..stateless import CompletionRequest
+from ..store import responses as store
+from ..store.db import Database
+from ..store.notify import EventHub
+from ..store.tables import StoredResponse, utcnow
+from .responses_protocol import TERMINAL_EVENTS, output_item, response_object
+
+log = logging.getLogger(__name__)
+
+#: Seconds a follower waits for a wake-up before looking at the log again anyway.
+POLL_SECONDS = 2.0
+STATUS = {"stop": "completed", "length": "incomplete", "cancelled": "cancelled", "error": "failed"}
+
+
+@dataclass(frozen=True)
+class Draft:
+    """What a response continues and asks for, settled by the edge before it runs."""
+
+    row: StoredResponse
+    sampling: Sampling
+    model: str | None
+    #: Chains: the whole context (no system messages) and the system prompt parts.
+    messages: tuple[ChatMessage, ...] = ()
+    system: tuple[str, ...] = ()
+    #: Conversations: the conversation and the new user message's text.
+    conversation_id: uuid.UUID | None = None
+    content: str = ""
+    user_id: str | None = None
+
+
+class Finished(Protocol):
+    """What a turn or completion result tells a response."""
+
+    model: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+def start_generation(engine: Engine, draft: Draft) -> GenerationStream[Any]:
+    """Start the engine's work for a response: a turn on a conversation, else a completion of
+    the chain's messages that reuses the chain's prompt state (named by its first response)."""
+    row = draft.row
+    if draft.conversation_id is not None:
+        return engine.turn(
+            TurnRequest(
+                owner_id=row.owner_id,
+                conversation_id=draft.conversation_id,
+                content=draft.content,
+                sampling=draft.sampling,
+                model=draft.model,
+                system_prompt=row.request.get("instructions"),
+                user_id=draft.user_id,
+                dialect="responses",
+            )
+        )
+    return engine.complete(
+        CompletionRequest(
+            owner_id=row.owner_id,
+            messages=draft.messages,
+            system=draft.system,
+            sampling=draft.sampling,
+            model=draft.model,
+            user_id=draft.user_id,
+            dialect="responses",
+            session=row.root_id,
+        )
+    )
+
+
+def finish(row: StoredResponse, result: Finished) -> None:
+    """Record how the generation ended on the response."""
+    row.model = result.model
+    row.status = STATUS[result.finish_reason]
+    row.incomplete_reason = "max_output_tokens" if result.finish_reason == "length" else None
+    if result.finish_reason == "error":
+        row.error = {"code": "server_error", "message": "Generation failed."}
+    row.input_tokens = result.prompt_tokens
+    row.output_tokens = result.completion_tokens
+    row.cached_tokens = result.cached_tokens
+    row.completed_at = utcnow()
+
+
+class Numbered:
+    """Numbers one response's events from 0."""
+
+    def __init__(self) -> None:
+        self.sequence = -1
+
+    def __call__(self, kind: str, **fields: Any) -> dict[str, Any]:
+        self.sequence += 1
+        return {"type": kind, "sequence_number": self.sequence, **fields}
+
+
+async def produce(
+    row: StoredResponse, stream: GenerationStream[Any]
+) -> AsyncIterator[dict[str, Any]]:
+    """The events of a running response, ending with its terminal event; updates `row`."""
+    event = Numbered()
+    where = {"item_id": row.output_id, "output_index": 0, "content_index": 0}
+    empty = {"type": "output_text", "text": "", "annotations": []}
+    yield event("response.created", response=response_object(row))
+    yield event("response.in_progress", response=response_object(row))
+    yield event("response.output_item.added", output_index=0, item=output_item(row, done=False))
+    yield event("response.content_part.added", **where, part=empty)
+    try:
+        async for delta in stream:
+            row.output_text += delta
+            yield event("response.output_text.delta", **where, delta=delta, logprobs=[])
+        finish(row, await stream.result())
+    except ParlourError as exc:
+        row.status, row.completed_at = "failed", utcnow()
+        row.error = {"code": exc.code, "message": exc.message}
+        yield event("response.failed", response=response_object(row))
+        return
+    text = row.output_text
+    yield event("response.output_text.done", **where, text=text, logprobs=[])
+    yield event("response.content_part.done", **where, part={**empty, "text": text})
+    yield event("response.output_item.done", output_index=0, item=output_item(row, done=True))
+    kind = "response.completed" if row.status == "completed" else "response.incomplete"
+    if row.status == "failed":
+        kind = "response.failed"
+    yield event(kind, response=response_object(row))
+
+
+class ResponseRunner:
+    """Runs stored responses in tasks of their own, so they go on without the client."""
+
+    def __init__(self, *, engine: Engine, db: Database, hub: EventHub) -> None:
+        self.engine = engine
+        self.db = db
+        self.hub = hub
+        self._running: dict[str, GenerationStream[Any]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        hub.on_cancel = self.cancel_here
+
+    async def begin(self, draft: Draft) -> GenerationStream[Any]:
+        """Start the generation and wait until it may begin (raising the request's error)."""
+        stream = start_generation(self.engine, draft)
+        try:
+            await stream.started()
+        except BaseException:
+            stream.cancel()
+            raise
+        draft.row.model = stream.model or draft.row.model
+        return stream
+
+    async def run(self, row: StoredResponse, stream: GenerationStream[Any]) -> asyncio.Task[None]:
+        """Store the response and pump its events into the log in a task of its own."""
+        async with self.db.session() as session, session.begin():
+            session.add(row)
+        self._running[row.id] = stream
+        task = asyncio.create_task(self._pump(row, stream))
+        self._tasks[row.id] = task
+        task.add_done_callback(lambda _t: self._forget(row.id))
+        return task
+
+    def _forget(self, response_id: str) -> None:
+        self._running.pop(response_id, None)
+        self._tasks.pop(response_id, None)
+
+    def cancel_here(self, response_id: str) -> None:
+        """Stop a response if this process runs it (its partial text is kept)."""
+        stream = self._running.get(response_id)
+        if stream is not None:
+            stream.cancel()
+
+    async def _pump(self, row: StoredResponse, stream: GenerationStream[Any]) -> None:
+        pending: list[dict[str, Any]] = []
+        ready = asyncio.Event()
+
+        async def collect() -> None:
+            try:
+                async for item in produce(row, stream):
+                    pending.append(item)
+                    ready.set()
+            finally:
+                ready.set()
+
+        collector = asyncio.create_task(collect())
+        try:
+            while not (collector.done() and not pending):
+                await ready.wait()
+                ready.clear()
+                batch, pending[:] = list(pending), []
+                if batch:
+                    await self._flush(row, batch)
+        except Exception:
+            log.exception("writing the events of %s failed", row.id)
+            stream.cancel()
+        finally:
+            await asyncio.gather(collector, return_exceptions=True)
+
+    async def _flush(self, row: StoredResponse, batch: list[dict[str, Any]]) -> None:
+        async with self.db.session() as session, session.begin():
+            await store.append_events(session, row.id, batch)
+            await store.update_response(
+                session,
+                row.id,
+                status=row.status,
+                model=row.model,
+                output_text=row.output_text,
+                input_tokens=row.input_tokens,
+                output_tokens=row.output_tokens,
+                cached_tokens=row.cached_tokens,
+                incomplete_reason=row.incomplete_reason,
+                error=row.error,
+                completed_at=row.completed_at,
+            )
+        await self.hub.publish(row.id)
+
+    async def follow(self, response_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
+        """The logged events after `after`, then new ones as they are written, to the end."""
+        while True:
+            with self.hub.waiter(response_id) as woken:
+                async with self.db.read() as session, session.begin():
+                    events = await store.events_after(session, response_id, after)
+                for item in events:
+                    yield item
+                    after = item["sequence_number"]
+                    if item["type"] in TERMINAL_EVENTS:
+                        return
+                if not events:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(woken.wait(), POLL_SECONDS)
+
+    async def close(self) -> None:
+        """Stop running responses (their partial text is written) and wait for them."""
+        for stream in list(self._running.values()):
+            stream.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
