@@ -1,6 +1,6 @@
 // parlour's chat page: conversations from /conversations, replies through the Responses API
-// (resumable after a reload), or through POST /conversations/{id}/messages where that is all
-// the server offers.
+// (background responses, so a reload or a switch to another chat resumes the stream from the
+// last event seen instead of losing or repeating it).
 "use strict";
 (() => {
   const $ = (id) => document.getElementById(id);
@@ -18,7 +18,6 @@
     messages: [],
     models: [],
     bots: [],
-    responses: false,
     streams: new Map(),
     opening: 0,
   };
@@ -571,7 +570,10 @@
         if (event.sequence_number <= stream.seq) continue;
         stream.seq = event.sequence_number;
       }
-      if (event.response && event.response.id) stream.responseId = event.response.id;
+      if (event.response && event.response.id && !stream.responseId) {
+        stream.responseId = event.response.id;
+        if (stream.stopRequested) cancel(stream);
+      }
       if (event.type === "response.output_text.delta") {
         stream.text += event.delta;
         paint(stream);
@@ -599,31 +601,9 @@
     });
   }
 
-  function sendThroughMessages(stream, text) {
-    const body = { message: { role: "user", content: text }, stream: true };
-    return run(stream, async () => {
-      const response = await api(`/conversations/${stream.conversationId}/messages`, {
-        method: "POST",
-        body,
-        signal: stream.controller.signal,
-      });
-      for await (const { data } of events(response)) {
-        const event = JSON.parse(data);
-        if (typeof event.token === "string") {
-          stream.text += event.token;
-          paint(stream);
-        } else if (event.error) {
-          stream.error = event.error.message;
-        } else if (event.done) {
-          break;
-        }
-      }
-    });
-  }
-
   function resumeSaved(conversationId) {
     const raw = sessionStorage.getItem(INFLIGHT_KEY + conversationId);
-    if (!raw || !state.responses) return;
+    if (!raw) return;
     const saved = JSON.parse(raw);
     if (!saved.id) {
       sessionStorage.removeItem(INFLIGHT_KEY + conversationId);
@@ -652,32 +632,24 @@
     $("messages").querySelector(".welcome")?.remove();
     bubble("user", text);
     const stream = begin(conversation.id);
-    await (state.responses ? sendThroughResponses(stream, text) : sendThroughMessages(stream, text));
+    await sendThroughResponses(stream, text);
   }
 
-  async function stop() {
+  async function cancel(stream) {
+    try {
+      await json(`/v1/responses/${encodeURIComponent(stream.responseId)}/cancel`, { method: "POST" });
+    } catch (error) {
+      showError(error.message);
+    }
+  }
+
+  /** Stop the open conversation's reply; the server keeps its partial text as cancelled. */
+  function stop() {
     const stream = state.current && state.streams.get(state.current.id);
     if (!stream) return;
-    if (stream.responseId && state.responses) {
-      try {
-        await json(`/v1/responses/${encodeURIComponent(stream.responseId)}/cancel`, { method: "POST" });
-        return;
-      } catch (error) {
-        showError(error.message);
-      }
-    }
-    // Closing the stream stops the turn; the server keeps the partial reply as cancelled.
-    stream.controller.abort();
-    await waitForStoredReply(stream.conversationId);
-  }
-
-  async function waitForStoredReply(conversationId) {
-    for (let attempt = 0; attempt < 20; attempt++) {
-      const messages = await json(`/conversations/${conversationId}/messages?limit=1000`);
-      if (messages.length && messages.at(-1).role === "assistant") break;
-      await new Promise((resolve) => setTimeout(resolve, 250));
-    }
-    if (state.current && state.current.id === conversationId) await refresh();
+    // Before the response has an id, cancel it as soon as it gets one.
+    if (stream.responseId) cancel(stream);
+    else stream.stopRequested = true;
   }
 
   function regenerate() {
@@ -688,12 +660,7 @@
   // ---- start -----------------------------------------------------------------------------
 
   async function loadPickers() {
-    const [models, bots, spec] = await Promise.all([
-      json("/v1/models"),
-      json("/v1/bots").catch(() => []),
-      fetch("/openapi.json").then((r) => (r.ok ? r.json() : {})).catch(() => ({})),
-    ]);
-    state.responses = Boolean(spec.paths && spec.paths["/v1/responses"]);
+    const [models, bots] = await Promise.all([json("/v1/models"), json("/v1/bots").catch(() => [])]);
     state.models = [];
     $("model").replaceChildren();
     for (const model of models.data) addModelOption(model.id);
@@ -706,10 +673,8 @@
     $("signin").hidden = true;
     $("app").hidden = false;
     $("sign-out").hidden = !state.token;
-    document.body.dataset.transport = "";
     try {
       await loadPickers();
-      document.body.dataset.transport = state.responses ? "responses" : "messages";
       state.conversations = [];
       state.more = true;
       await loadMore();
