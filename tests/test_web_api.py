@@ -115,10 +115,16 @@ async def test_new_chat_with_a_bot_and_a_system_prompt(
         json={"system_prompt": "Rhyme."},
     )
     assert put.status_code == 200 and put.json()["system_prompt"] == "Rhyme."
-    await client.post(
-        f"/conversations/{conversation['id']}/messages",
-        json={"message": {"role": "user", "content": "Again"}, "stream": False},
+    # The page sends through the Responses API, naming the conversation as conv_<hex>.
+    r = await client.post(
+        "/v1/responses",
+        json={
+            "model": "scripted",
+            "input": "Again",
+            "conversation": "conv_" + uuid.UUID(conversation["id"]).hex,
+        },
     )
+    assert r.status_code == 200, r.text
     assert scripted.calls[-1].messages[0].content == "Talk like a pirate.\n\nRhyme."
     put = await client.put(
         f"/ui/api/conversations/{uuid.uuid4()}/system-prompt", json={"system_prompt": ""}
