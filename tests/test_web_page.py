@@ -238,6 +238,25 @@ def test_sidebar_filter_rename_delete(page: Page, server: ServerProcess) -> None
     assert "Apples to try" not in titles
 
 
+def test_sidebar_loads_more_on_scroll(page: Page, server: ServerProcess) -> None:
+    for n in range(35):
+        r = httpx.post(
+            server.url + "/conversations", json={"title": f"Chat {n}", "model_tag": "scripted"}
+        )
+        assert r.status_code == 201, r.text
+    total = len(httpx.get(server.url + "/conversations?limit=200").json())
+    open_page(page, server.url + "/")
+    items = page.locator("#conversations .open")
+    expect(items).to_have_count(30)
+    expect(items.first).to_have_text("Chat 34")
+    while items.count() < total:
+        items.last.scroll_into_view_if_needed()
+        page.locator("#conversations").evaluate("list => list.scrollBy(0, list.scrollHeight)")
+        expect(items).not_to_have_count(30)
+    expect(items).to_have_count(total)
+    expect(page.locator("#conversations-end")).to_be_visible()
+
+
 def test_system_prompt_and_errors_are_shown(page: Page, server: ServerProcess) -> None:
     open_page(page, server.url + "/")
     page.get_by_role("button", name="System prompt").click()
@@ -250,6 +269,63 @@ def test_system_prompt_and_errors_are_shown(page: Page, server: ServerProcess) -
     # A message longer than the model's whole window: a readable error, not silence.
     send(page, " ".join(["word"] * 2100))
     expect(page.get_by_role("alert")).to_contain_text("context")
+
+
+def test_keyboard_regenerate_copy_model_and_dark_mode(
+    browser: Browser, server: ServerProcess
+) -> None:
+    context = browser.new_context(color_scheme="dark", viewport={"width": 1000, "height": 700})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    context.set_default_timeout(TIMEOUT)
+    try:
+        page = context.new_page()
+        offline(page)
+        open_page(page, server.url + "/")
+        box = page.get_by_label("Message", exact=True)
+        box.fill("line one")
+        box.press("Shift+Enter")
+        box.press_sequentially("line two")
+        expect(page.locator("article.message")).to_have_count(0)
+        box.press("Enter")
+        replies = page.locator("article.message.assistant .body")
+        expect(replies).to_have_text(["Echo 1: line one\nline two"], use_inner_text=True)
+        page.get_by_role("button", name="Regenerate the last reply").click()
+        expect(replies).to_have_count(2)
+        expect(replies.last).to_contain_text("Echo 2: line one")
+        page.get_by_role("button", name="Copy message").last.click()
+        copied = page.evaluate("navigator.clipboard.readText()")
+        assert copied == "Echo 2: line one\nline two"
+
+        page.get_by_label("Model").select_option("slow")
+        conversation = conversation_id(page)
+        expect(page.get_by_label("Model")).to_have_value("slow")
+        r = httpx.get(f"{server.url}/conversations/{conversation}")
+        assert r.json()["model_tag"] == "slow"
+
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert background == "rgb(22, 24, 28)"
+        screenshot(page, "chat-dark")
+    finally:
+        context.close()
+
+
+def test_new_chat_with_a_bot(page: Page, server: ServerProcess) -> None:
+    args = ["bot", "add", "--slug", "pirate", "--name", "Pirate", "--system-prompt", "Arr."]
+    args += ["--welcome-message", "Ahoy, matey!", "--data-dir", str(server.data_dir)]
+    subprocess.run(
+        [sys.executable, "-m", "parlour", *args],
+        check=True,
+        capture_output=True,
+        env={**server.env, "PATH": "/usr/bin:/bin"},
+    )
+    open_page(page, server.url + "/")
+    page.get_by_label("Bot").select_option(label="Pirate")
+    expect(page.locator(".welcome")).to_have_text("Ahoy, matey!")
+    send(page, "hello")
+    expect(page.locator("article.message.assistant .body")).to_contain_text("Echo 1: hello")
+    expect(page.get_by_label("Bot")).to_be_disabled()
+    state = httpx.get(f"{server.url}/ui/api/conversations/{conversation_id(page)}").json()
+    assert state["bot"] == "Pirate"
 
 
 def test_docs_render_offline(page: Page, server: ServerProcess) -> None:
