@@ -16,7 +16,8 @@ from tests.support.browser import chromium, offline, screenshot
 
 pytestmark = pytest.mark.browser
 
-#: Two scripted models: `scripted` answers at once, `slow` writes a word every 50 ms.
+#: Scripted models: `scripted` answers at once, `slow` writes a word every 50 ms; and one
+#: that never loads.
 CONFIG = """
 default = "scripted"
 
@@ -30,6 +31,12 @@ name = "slow"
 backend = "scripted"
 context_length = 2048
 token_delay = 0.05
+
+# A model whose file is missing: it never loads.
+[[models]]
+name = "broken"
+backend = "llama"
+path = "/nonexistent/model.gguf"
 """
 LONG = " ".join(f"w{i}" for i in range(400))
 TIMEOUT = 30_000
@@ -269,6 +276,10 @@ def test_system_prompt_and_errors_are_shown(page: Page, server: ServerProcess) -
     # A message longer than the model's whole window: a readable error, not silence.
     send(page, " ".join(["word"] * 2100))
     expect(page.get_by_role("alert")).to_contain_text("context")
+    # A model that is not loaded: the page says so.
+    page.get_by_label("Model").select_option("broken")
+    send(page, "are you there?")
+    expect(page.get_by_role("alert")).to_contain_text("not loaded")
 
 
 def test_keyboard_regenerate_copy_model_and_dark_mode(
@@ -292,6 +303,8 @@ def test_keyboard_regenerate_copy_model_and_dark_mode(
         page.get_by_role("button", name="Regenerate the last reply").click()
         expect(replies).to_have_count(2)
         expect(replies.last).to_contain_text("Echo 2: line one")
+        expect(page.locator("article.message.assistant.streaming")).to_have_count(0)
+        expect(page.get_by_role("button", name="Copy message")).to_have_count(4)
         page.get_by_role("button", name="Copy message").last.click()
         copied = page.evaluate("navigator.clipboard.readText()")
         assert copied == "Echo 2: line one\nline two"
