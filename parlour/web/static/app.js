@@ -20,6 +20,7 @@
     bots: [],
     streams: new Map(),
     opening: 0,
+    modelChange: null,
   };
 
   class ApiError extends Error {
@@ -250,6 +251,7 @@
       return;
     }
     state.conversations = state.conversations.filter((c) => c.id !== conversation.id);
+    state.streams.get(conversation.id)?.controller.abort();
     sessionStorage.removeItem(INFLIGHT_KEY + conversation.id);
     if (state.current && state.current.id === conversation.id) newChat();
     renderList();
@@ -310,7 +312,7 @@
 
   function contextUse(upTo) {
     const info = state.info;
-    if (!info) return "";
+    if (!info || !info.context_length) return "";
     let used = info.system_tokens;
     for (const message of state.messages.slice(0, upTo + 1)) used += message.token_count;
     const share = Math.round((100 * used) / info.context_length);
@@ -370,7 +372,7 @@
   function setPickers() {
     const conversation = state.current;
     if (conversation && !state.models.includes(conversation.model_tag)) addModelOption(conversation.model_tag);
-    if (conversation) $("model").value = conversation.model_tag;
+    if (conversation && !state.modelChange) $("model").value = conversation.model_tag;
     $("bot").disabled = Boolean(conversation);
     if (conversation) {
       const bot = state.info && state.info.bot;
@@ -458,15 +460,24 @@
     }
   }
 
-  async function modelChanged() {
-    if (!state.current) return;
+  async function switchModel(id, model_tag) {
     try {
-      state.current = await json(`/conversations/${state.current.id}`, { method: "PATCH", body: { model_tag: $("model").value } });
-      touch(state.current);
-      await refresh();
+      const updated = await json(`/conversations/${id}`, { method: "PATCH", body: { model_tag } });
+      if (state.current && state.current.id === id) state.current = updated;
+      touch(updated);
     } catch (error) {
       showError(error.message);
     }
+  }
+
+  /** Switch the open conversation's model; a message sent meanwhile waits for it. */
+  async function modelChanged() {
+    if (!state.current) return;
+    const change = switchModel(state.current.id, $("model").value);
+    state.modelChange = change;
+    await change;
+    if (state.modelChange === change) state.modelChange = null;
+    if (state.current) await refresh();
   }
 
   function botChanged() {
@@ -587,9 +598,9 @@
     }
   }
 
-  function sendThroughResponses(stream, text) {
+  function sendThroughResponses(stream, text, model) {
     const body = {
-      model: $("model").value,
+      model,
       input: text,
       conversation: conversationRef(stream.conversationId),
       stream: true,
@@ -621,6 +632,7 @@
   async function send(text) {
     hideError();
     if (!text.trim()) return;
+    await state.modelChange;
     let conversation = state.current;
     try {
       if (!conversation) conversation = await createConversation();
@@ -632,7 +644,7 @@
     $("messages").querySelector(".welcome")?.remove();
     bubble("user", text);
     const stream = begin(conversation.id);
-    await sendThroughResponses(stream, text);
+    await sendThroughResponses(stream, text, conversation.model_tag);
   }
 
   async function cancel(stream) {
