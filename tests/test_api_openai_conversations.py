@@ -3,60 +3,24 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from fastapi import FastAPI
 
 from parlour.backends.scripted import ScriptedBackend
-from parlour.settings import Settings
 
-from .support.auth import SECRET, hs256
+from . import test_api_responses as shared
+from .test_api_responses import SdkFactory
 
-
-@pytest.fixture
-def settings(tmp_path: Path, database_url: str | None) -> Settings:
-    """Scripted model, JWT auth so that two owners can be told apart."""
-    return Settings(
-        data_dir=tmp_path / "data", model="scripted", database_url=database_url, jwt_secret=SECRET
-    )
-
-
-@pytest.fixture
-async def http(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client for the in-process app, authenticated as alice."""
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(
-        transport=transport,
-        base_url="http://parlour.test",
-        headers={"Authorization": f"Bearer {hs256('alice')}"},
-    ) as client:
-        yield client
-
-
-def client_for(http: httpx.AsyncClient, owner: str) -> openai.AsyncOpenAI:
-    """The official async client acting for `owner`."""
-    return openai.AsyncOpenAI(
-        base_url="http://parlour.test/v1",
-        api_key=hs256(owner),
-        http_client=http,  # type: ignore[arg-type]
-        max_retries=0,
-    )
+# The same app, owners and clients as the Responses tests.
+settings, http, sdk_for, sdk = shared.settings, shared.http, shared.sdk_for, shared.sdk
 
 
 def text_of(item: Any) -> str:
     """The text of a message item's first content part."""
     return str(item.content[0].text)
-
-
-@pytest.fixture
-def sdk(http: httpx.AsyncClient) -> openai.AsyncOpenAI:
-    """The official async client acting for alice."""
-    return client_for(http, "alice")
 
 
 async def test_items_and_responses_on_a_conversation(
@@ -152,9 +116,9 @@ async def test_update_items_and_delete(sdk: openai.AsyncOpenAI, scripted: Script
         await sdk.conversations.retrieve(conversation.id)
 
 
-async def test_owners_are_isolated(sdk: openai.AsyncOpenAI, http: httpx.AsyncClient) -> None:
+async def test_owners_are_isolated(sdk: openai.AsyncOpenAI, sdk_for: SdkFactory) -> None:
     conversation = await sdk.conversations.create(items=[{"role": "user", "content": "private"}])
-    bob = client_for(http, "bob")
+    bob = sdk_for("bob")
     with pytest.raises(openai.NotFoundError):
         await bob.conversations.retrieve(conversation.id)
     with pytest.raises(openai.NotFoundError):
@@ -175,3 +139,29 @@ async def test_bad_requests(http: httpx.AsyncClient) -> None:
         reply = await http.get(f"/v1/conversations/{made['id']}/items?{query}")
         assert reply.status_code == 400, query
         assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_background_stream_on_a_conversation_resumes_and_cancels(
+    sdk: openai.AsyncOpenAI, http: httpx.AsyncClient, scripted: ScriptedBackend
+) -> None:
+    conversation = await sdk.conversations.create()
+    body = {"input": "hi", "conversation": conversation.id, "stream": True, "background": True}
+    reply = await http.post("/v1/responses", json=body)
+    events = shared.sse_events(reply.text)
+    rid = events[0][1]["response"]["id"]
+    assert events[-1][0] == "response.completed"
+    resumed = [e async for e in await sdk.responses.retrieve(rid, stream=True, starting_after=2)]
+    assert [e.sequence_number for e in resumed] == list(range(3, len(events)))
+
+    scripted.token_delay = 0.02
+    scripted.enqueue(" ".join(f"w{i}" for i in range(500)))
+    started = await sdk.responses.create(
+        input="long", conversation=conversation.id, background=True
+    )
+    await shared.until(sdk, started.id, lambda r: len(r.output_text) > 0)
+    cancelled = await sdk.responses.cancel(started.id)
+    assert cancelled.status == "cancelled"
+    items = await sdk.conversations.items.list(conversation.id, limit=1)
+    newest = items.data[0]
+    assert newest.status == "incomplete"  # type: ignore[union-attr]
+    assert text_of(newest) == cancelled.output_text

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from parlour.backends.base import ChatMessage
 from parlour.backends.scripted import ScriptedBackend
 from parlour.settings import Settings
+from parlour.store import responses as store
 
 from .support.auth import SECRET, hs256
 
@@ -302,7 +303,8 @@ async def test_truncation_disabled_refuses_what_does_not_fit(
     await _error(refused, 400, "context_length_exceeded")
 
 
-async def _until(sdk: openai.AsyncOpenAI, rid: str, check: Callable[[Any], bool]) -> Any:
+async def until(sdk: openai.AsyncOpenAI, rid: str, check: Callable[[Any], bool]) -> Any:
+    """Retrieve a response until `check` holds for it."""
     for _ in range(2000):
         response = await sdk.responses.retrieve(rid)
         if check(response):
@@ -317,7 +319,7 @@ async def test_background_then_retrieve(sdk: openai.AsyncOpenAI, scripted: Scrip
     started = await sdk.responses.create(input="go", background=True)
     assert started.status in ("queued", "in_progress")
     assert started.background is True
-    done = await _until(sdk, started.id, lambda r: r.status == "completed")
+    done = await until(sdk, started.id, lambda r: r.status == "completed")
     assert done.output_text == "A reply written in the background."
 
 
@@ -327,7 +329,7 @@ async def test_cancel_keeps_partial_text(
     scripted.token_delay = 0.02
     scripted.enqueue(" ".join(f"w{i}" for i in range(500)))
     started = await sdk.responses.create(input="long", background=True)
-    await _until(sdk, started.id, lambda r: len(r.output_text) > 0)
+    await until(sdk, started.id, lambda r: len(r.output_text) > 0)
     cancelled = await sdk.responses.cancel(started.id)
     assert cancelled.status == "cancelled"
     assert cancelled.output_text.startswith("w0")
@@ -339,7 +341,7 @@ async def test_cancel_keeps_partial_text(
 async def test_resume_from_the_log(sdk: openai.AsyncOpenAI, scripted: ScriptedBackend) -> None:
     scripted.enqueue("alpha beta gamma delta")
     started = await sdk.responses.create(input="go", background=True)
-    await _until(sdk, started.id, lambda r: r.status == "completed")
+    await until(sdk, started.id, lambda r: r.status == "completed")
     events = [
         e async for e in await sdk.responses.retrieve(started.id, stream=True, starting_after=4)
     ]
@@ -347,3 +349,29 @@ async def test_resume_from_the_log(sdk: openai.AsyncOpenAI, scripted: ScriptedBa
     deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
     assert "".join(deltas) == " beta gamma delta"
     assert events[-1].type == "response.completed"
+
+
+async def test_a_cancel_written_to_the_store_stops_the_response(
+    app: FastAPI, sdk: openai.AsyncOpenAI, scripted: ScriptedBackend
+) -> None:
+    # What another process does when its notification cannot reach this one.
+    scripted.token_delay = 0.02
+    scripted.enqueue(" ".join(f"w{i}" for i in range(500)))
+    started = await sdk.responses.create(input="long", background=True)
+    async with app.state.db.session() as session, session.begin():
+        await store.update_response(session, started.id, cancel_requested=True)
+    done = await until(sdk, started.id, lambda r: r.status != "in_progress")
+    assert done.status == "cancelled"
+    assert len(done.output_text.split()) < 500
+
+
+async def test_a_finished_stream_is_stored_before_its_last_event(
+    http: httpx.AsyncClient, sdk: openai.AsyncOpenAI, scripted: ScriptedBackend
+) -> None:
+    for turn in range(5):
+        scripted.enqueue(f"reply number {turn}")
+        reply = await http.post("/v1/responses", json={"input": "go", "stream": True})
+        name, body = sse_events(reply.text)[-1]
+        assert name == "response.completed"
+        stored = await sdk.responses.retrieve(body["response"]["id"])
+        assert (stored.status, stored.output_text) == ("completed", f"reply number {turn}")

@@ -199,6 +199,9 @@ async def test_follow_up_prompt_reuses_the_cached_prefix(backend: LlamaBackend) 
     assert second.prompt_tokens > first.prompt_tokens + first.completion_tokens
     # All of the first prompt and most of the reply were still in the KV cache.
     assert backend.stats.prompt_tokens_reused - reused >= first.prompt_tokens
+    # The final chunk reports exactly that reuse as cached tokens.
+    assert first.cached_tokens == 0
+    assert second.cached_tokens == backend.stats.prompt_tokens_reused - reused
     new_work = backend.stats.prompt_tokens_evaluated - evaluated
     assert new_work <= second.prompt_tokens - first.prompt_tokens
     assert backend.stats.generations == 2

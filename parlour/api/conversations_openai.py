@@ -88,9 +88,10 @@ def list_page(
     return item_list(page, has_more=len(ordered) > start + limit)
 
 
-async def _append(
+async def append_items(
     engine: Engine, session: AsyncSession, conversation: Conversation, items: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
+    """Add message items at the end of a conversation (the caller holds its turn lock)."""
     backend = engine.models.get(conversation.model_tag).backend
     added: list[dict[str, Any]] = []
     for item in items:
@@ -126,7 +127,7 @@ async def create_conversation(
             title=DEFAULT_TITLE,
             model_tag=engine.models.get(None).spec.name,
         )
-        await _append(engine, session, conversation, items)
+        await append_items(engine, session, conversation, items)
         if body.metadata:
             await store.set_conversation_metadata(session, conversation.id, body.metadata)
         return await _object(session, conversation)
@@ -194,7 +195,7 @@ async def create_items(
     cid = conversation_uuid(conversation_id)
     async with engine.locks.hold(cid), engine.db.session() as session, session.begin():
         conversation = await owned_conversation(session, principal.owner_id, cid)
-        added = await _append(engine, session, conversation, items)
+        added = await append_items(engine, session, conversation, items)
     return item_list(added, has_more=False)
 
 

@@ -23,7 +23,13 @@ from ..store import responses as store
 from ..store.tables import StoredResponse, utcnow
 from . import sse
 from .body import read_json
-from .conversations_openai import conversation_uuid, list_page, owned_conversation, query_int
+from .conversations_openai import (
+    append_items,
+    conversation_uuid,
+    list_page,
+    owned_conversation,
+    query_int,
+)
 from .deps import EngineDep, PrincipalDep, SettingsDep
 from .errors import ErrorShape
 from .openai_protocol import error_body, parse_body
@@ -165,17 +171,7 @@ async def conversation_draft(
     cid = conversation_uuid(body.conversation_id or "")
     async with engine.locks.hold(cid), engine.db.session() as session, session.begin():
         conversation = await owned_conversation(session, row.owner_id, cid)
-        backend = engine.models.get(conversation.model_tag).backend
-        for item in items[:-1]:
-            text = item_text(item)
-            role = "system" if item["role"] in ("system", "developer") else item["role"]
-            await queries.append_message(
-                session,
-                conversation,
-                role=role,
-                content=text,
-                token_count=backend.count_tokens(text),
-            )
+        await append_items(engine, session, conversation, items[:-1])
     row.conversation_id = cid
     row.request = {**row.request, "conversation": f"conv_{cid.hex}"}
     return Draft(
@@ -285,7 +281,7 @@ async def delete_response(
 ) -> dict[str, Any]:
     """Hide a response; responses that continue it keep their context."""
     row = await _owned(runner, principal.owner_id, response_id)
-    runner.cancel_here(row.id)
+    await runner.hub.request_cancel(row.id)
     async with runner.db.session() as session, session.begin():
         await store.delete_response(session, row.id)
     return {"id": row.id, "object": "response.deleted", "deleted": True}

@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sqlalchemy import select
+
 from ..backends.base import ChatMessage, FinishReason
 from ..engine import Engine, Sampling, TurnRequest
 from ..errors import ParlourError
@@ -150,6 +152,9 @@ class ResponseRunner:
         self.hub = hub
         self._running: dict[str, GenerationStream[Any]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        #: The events of the responses running here, so their followers here need not wait
+        #: for the database (index = sequence number).
+        self._logs: dict[str, list[dict[str, Any]]] = {}
         hub.on_cancel = self.cancel_here
 
     async def begin(self, draft: Draft) -> GenerationStream[Any]:
@@ -168,6 +173,7 @@ class ResponseRunner:
         async with self.db.session() as session, session.begin():
             session.add(row)
         self._running[row.id] = stream
+        self._logs[row.id] = []
         task = asyncio.create_task(self._pump(row, stream))
         self._tasks[row.id] = task
         task.add_done_callback(lambda _t: self._forget(row.id))
@@ -176,6 +182,7 @@ class ResponseRunner:
     def _forget(self, response_id: str) -> None:
         self._running.pop(response_id, None)
         self._tasks.pop(response_id, None)
+        self._logs.pop(response_id, None)
 
     def cancel_here(self, response_id: str) -> None:
         """Stop a response if this process runs it (its partial text is kept)."""
@@ -186,12 +193,18 @@ class ResponseRunner:
     async def _pump(self, row: StoredResponse, stream: GenerationStream[Any]) -> None:
         pending: list[dict[str, Any]] = []
         ready = asyncio.Event()
+        events = self._logs[row.id]
 
         async def collect() -> None:
             try:
                 async for item in produce(row, stream):
                     pending.append(item)
                     ready.set()
+                    # The final event waits for the store: whoever sees it may at once
+                    # retrieve or continue the response, in any process.
+                    if item["type"] not in TERMINAL_EVENTS:
+                        events.append(item)
+                        self.hub.wake_here(row.id)
             finally:
                 ready.set()
 
@@ -201,15 +214,21 @@ class ResponseRunner:
                 await ready.wait()
                 ready.clear()
                 batch, pending[:] = list(pending), []
-                if batch:
-                    await self._flush(row, batch)
+                if batch and await self._flush(row, batch):
+                    stream.cancel()
+                final = [e for e in batch if e["type"] in TERMINAL_EVENTS]
+                if final:
+                    events.extend(final)
+                    self.hub.wake_here(row.id)
         except Exception:
             log.exception("writing the events of %s failed", row.id)
             stream.cancel()
         finally:
             await asyncio.gather(collector, return_exceptions=True)
 
-    async def _flush(self, row: StoredResponse, batch: list[dict[str, Any]]) -> None:
+    async def _flush(self, row: StoredResponse, batch: list[dict[str, Any]]) -> bool:
+        """Log a batch of events and the response's state; True if a cancel was asked for
+        (read back too, in case the notification did not reach this process)."""
         async with self.db.session() as session, session.begin():
             await store.append_events(session, row.id, batch)
             await store.update_response(
@@ -225,10 +244,42 @@ class ResponseRunner:
                 error=row.error,
                 completed_at=row.completed_at,
             )
+            cancel = await session.scalar(
+                select(StoredResponse.cancel_requested).where(StoredResponse.id == row.id)
+            )
         await self.hub.publish(row.id)
+        return bool(cancel)
 
     async def follow(self, response_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
         """The logged events after `after`, then new ones as they are written, to the end."""
+        log = self._logs.get(response_id)
+        source = self._follow_here(response_id, log, after) if log is not None else None
+        if source is None:
+            source = self._follow_logged(response_id, after)
+        async for item in source:
+            yield item
+
+    async def _follow_here(
+        self, response_id: str, log: list[dict[str, Any]], after: int
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Follow a response that runs in this process from its events in memory."""
+        while True:
+            with self.hub.waiter(response_id) as woken:
+                new = log[after + 1 :]
+                for item in new:
+                    yield item
+                    after = item["sequence_number"]
+                    if item["type"] in TERMINAL_EVENTS:
+                        return
+                if not new:
+                    if response_id not in self._logs:
+                        return  # ended without a final event: nothing more will come
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(woken.wait(), POLL_SECONDS)
+
+    async def _follow_logged(self, response_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
+        """Follow a response from the database's event log, wherever it runs."""
+        ended = False
         while True:
             with self.hub.waiter(response_id) as woken:
                 async with self.db.read() as session, session.begin():
@@ -238,9 +289,20 @@ class ResponseRunner:
                     after = item["sequence_number"]
                     if item["type"] in TERMINAL_EVENTS:
                         return
-                if not events:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(woken.wait(), POLL_SECONDS)
+                if events:
+                    continue
+                if ended:  # read once more after it ended: nothing was left
+                    return
+                try:
+                    await asyncio.wait_for(woken.wait(), POLL_SECONDS)
+                except TimeoutError:
+                    ended = not await self._still_running(response_id)
+
+    async def _still_running(self, response_id: str) -> bool:
+        """Whether a response may still log events (neither deleted nor finished)."""
+        async with self.db.read() as session, session.begin():
+            row = await session.get(StoredResponse, response_id)
+        return row is not None and not row.deleted and row.status == "in_progress"
 
     async def close(self) -> None:
         """Stop running responses (their partial text is written) and wait for them."""

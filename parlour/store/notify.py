@@ -65,7 +65,7 @@ class EventHub:
 
     async def publish(self, response_id: str) -> None:
         """Wake every reader of this response, here and in other processes."""
-        self._wake(response_id)
+        self.wake_here(response_id)
         await self._notify(f"e:{response_id}")
 
     async def request_cancel(self, response_id: str) -> None:
@@ -82,13 +82,14 @@ class EventHub:
         except Exception:  # a lost connection must not fail the response; readers also poll
             log.warning("could not notify other processes", exc_info=True)
 
-    def _wake(self, response_id: str) -> None:
+    def wake_here(self, response_id: str) -> None:
+        """Wake this process's readers of a response only."""
         for woken in self._waiters.get(response_id, ()):
             woken.set()
 
     def _notified(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
         kind, _, response_id = payload.partition(":")
         if kind == "e":
-            self._wake(response_id)
+            self.wake_here(response_id)
         elif kind == "c":
             self.on_cancel(response_id)

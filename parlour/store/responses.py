@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .tables import ConversationMetadata, ResponseEvent, StoredResponse
@@ -29,15 +29,24 @@ async def get_response(
 
 
 async def chain(session: AsyncSession, response: StoredResponse) -> list[StoredResponse]:
-    """A response's ancestors and itself, oldest first (deleted ancestors included)."""
-    links = [response]
-    while links[-1].parent_id is not None and len(links) < MAX_CHAIN:
-        parent = await session.get(StoredResponse, links[-1].parent_id)
-        if parent is None:
-            break
-        links.append(parent)
-    links.reverse()
-    return links
+    """A response's ancestors and itself, oldest first (deleted ancestors included), read
+    in one recursive query."""
+    links = (
+        select(StoredResponse.id, StoredResponse.parent_id, literal(0).label("depth"))
+        .where(StoredResponse.id == response.id)
+        .cte("links", recursive=True)
+    )
+    links = links.union_all(
+        select(StoredResponse.id, StoredResponse.parent_id, links.c.depth + 1)
+        .join(links, StoredResponse.id == links.c.parent_id)
+        .where(links.c.depth < MAX_CHAIN)
+    )
+    rows = await session.scalars(
+        select(StoredResponse)
+        .join(links, StoredResponse.id == links.c.id)
+        .order_by(links.c.depth.desc())
+    )
+    return list(rows.all())
 
 
 async def update_response(session: AsyncSession, response_id: str, **values: Any) -> None:
