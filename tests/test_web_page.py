@@ -341,6 +341,28 @@ def test_new_chat_with_a_bot(page: Page, server: ServerProcess) -> None:
     assert state["bot"] == "Pirate"
 
 
+def test_every_control_has_a_name_and_the_keyboard_reaches_the_message_box(
+    page: Page, server: ServerProcess
+) -> None:
+    open_page(page, server.url + "/")
+    send(page, "named")
+    expect(page.locator("article.message.assistant .meta")).to_contain_text("tokens")
+    unnamed = page.evaluate(
+        """() => [...document.querySelectorAll('button, input, select, textarea, a')]
+            .filter((e) => e.offsetParent !== null)
+            .filter((e) => !(e.getAttribute('aria-label') || (e.labels && e.labels.length)
+                || e.textContent.trim()))
+            .map((e) => e.outerHTML)"""
+    )
+    assert unnamed == []
+    page.get_by_role("button", name="New chat").focus()
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "input":
+            break
+    expect(page.get_by_label("Message", exact=True)).to_be_focused()
+
+
 def test_docs_render_offline(page: Page, server: ServerProcess) -> None:
     refused = offline(page)
     page.goto(server.url + "/docs")

@@ -7,6 +7,7 @@
   const TOKEN_KEY = "parlour.token";
   const INFLIGHT_KEY = "parlour.inflight.";
   const PAGE = 30;
+  const ENDINGS = { cancelled: "cancelled", length: "cut short at the length limit", error: "failed" };
 
   const state = {
     token: localStorage.getItem(TOKEN_KEY) || "",
@@ -324,7 +325,7 @@
     const parts = [];
     const ended = state.info && state.info.unfinished[message.id];
     if (message.role === "assistant") {
-      if (ended) parts.push(ended);
+      if (ended) parts.push(ENDINGS[ended] || ended);
       parts.push(`${message.token_count} tokens`);
       if (message.inference_time_ms != null) parts.push(`${(message.inference_time_ms / 1000).toFixed(1)} s`);
       parts.push(contextUse(index));
