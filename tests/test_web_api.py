@@ -32,7 +32,8 @@ async def test_page_and_assets_are_served_with_a_strict_policy(client: httpx.Asy
     assert script.status_code == 200
     assert "javascript" in script.headers["content-type"]
     assert script.headers["x-content-type-options"] == "nosniff"
-    for missing in ("/ui/nope.js", "/ui/../api/web.py", "/ui/vendor/marked/LICENSE"):
+    missing_files = ("/ui/nope.js", "/ui/../api/web.py", "/ui/vendor/marked/LICENSE")
+    for missing in (*missing_files, "/ui/index.html"):
         assert (await client.get(missing)).status_code == 404, missing
 
 

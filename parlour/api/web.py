@@ -41,7 +41,8 @@ DOCS_POLICY = (
     "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'; object-src 'none'"
 )
-SHIPPED_TYPES = frozenset({".html", ".js", ".css", ".svg", ".png", ".ico"})
+#: The pages themselves are served only at / and /docs, with their policies.
+SHIPPED_TYPES = frozenset({".js", ".css", ".svg", ".png", ".ico"})
 
 
 def asset_files() -> dict[str, Path]:
