@@ -650,7 +650,7 @@
 
   async function cancel(stream) {
     try {
-      await json(`/v1/responses/${encodeURIComponent(stream.responseId)}/cancel`, { method: "POST" });
+      await json(`/v1/responses/${encodeURIComponent(stream.responseId)}/cancel`, { method: "POST", body: {} });
     } catch (error) {
       showError(error.message);
     }
