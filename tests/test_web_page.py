@@ -308,6 +308,13 @@ def test_keyboard_regenerate_copy_model_and_dark_mode(
         page.get_by_role("button", name="Copy message").last.click()
         copied = page.evaluate("navigator.clipboard.readText()")
         assert copied == "Echo 2: line one\nline two"
+        box.fill("code:\n```\nprint(1)\n```")
+        box.press("Enter")
+        expect(page.locator("article.message.assistant pre code")).to_have_text("print(1)\n")
+        expect(page.get_by_role("button", name="Copy message")).to_have_count(6)
+        page.get_by_role("button", name="Copy code").click()
+        expect(page.get_by_role("button", name="Copy code")).to_have_text("Copied")
+        assert page.evaluate("navigator.clipboard.readText()") == "print(1)\n"
 
         page.get_by_label("Model").select_option("slow")
         conversation = conversation_id(page)
