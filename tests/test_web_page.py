@@ -363,7 +363,10 @@ def test_every_control_has_a_name_and_the_keyboard_reaches_the_message_box(
     )
     assert unnamed == []
     page.get_by_role("button", name="New chat").focus()
-    for _ in range(40):
+    page.keyboard.press("Tab")
+    expect(page.get_by_label("Filter conversations by title")).to_be_focused()
+    page.get_by_role("button", name="System prompt").focus()
+    for _ in range(20):
         page.keyboard.press("Tab")
         if page.evaluate("document.activeElement.id") == "input":
             break

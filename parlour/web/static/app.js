@@ -351,7 +351,10 @@
       again.classList.add("text");
       meta.append(again);
     }
-    if (!state.messages.length) welcome();
+    // A reply still being written to this conversation goes back under its question.
+    const stream = state.current && state.streams.get(state.current.id);
+    if (stream) attach(stream);
+    else if (!state.messages.length) welcome();
     scrollDown();
   }
 
@@ -411,9 +414,7 @@
       showError(error.message);
       return;
     }
-    const stream = state.streams.get(id);
-    if (stream) attach(stream);
-    else resumeSaved(id);
+    if (!state.streams.has(id)) resumeSaved(id);
     setBusy();
   }
 
