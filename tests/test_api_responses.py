@@ -284,6 +284,8 @@ async def test_errors_in_openai_shape(http: httpx.AsyncClient, sdk_for: SdkFacto
     await _error(await http.post("/v1/responses", json={"input": "x", "temperature": 9}), 400)
     many = {"input": "x", "metadata": {str(i): "v" for i in range(17)}}
     await _error(await http.post("/v1/responses", json=many), 400)
+    unstored = {"input": "x", "conversation": "conv_x", "store": False}
+    await _error(await http.post("/v1/responses", json=unstored), 400)
     background = {"input": "x", "background": True, "store": False}
     await _error(await http.post("/v1/responses", json=background), 400)
 

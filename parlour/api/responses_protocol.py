@@ -110,6 +110,12 @@ class ResponseCreate(Wire):
                 "Send either `conversation` or `previous_response_id`, not both.",
                 param="previous_response_id",
             )
+        if self.conversation is not None and not self.store:
+            raise InvalidRequest(
+                "A response on a conversation is stored with it; send `store: true` or use "
+                "`previous_response_id` with `store: false`.",
+                param="store",
+            )
         if self.background and not self.store:
             raise InvalidRequest("`background` needs `store` to be true.", param="background")
 
