@@ -378,6 +378,7 @@ def test_docs_render_offline(page: Page, server: ServerProcess) -> None:
     page.goto(server.url + "/docs")
     expect(page.locator(".swagger-ui .info .title")).to_contain_text("parlour")
     expect(page.locator(".opblock-summary-path", has_text="/conversations").first).to_be_visible()
+    screenshot(page, "docs")
     assert refused == []
     assert httpx.get(server.url + "/redoc").status_code == 404
 
