@@ -19,6 +19,7 @@ from .api import (
     kernel2,
     openai,
     responses,
+    web,
 )
 from .api.body import install_body_limit
 from .api.browser import install_cors
@@ -82,6 +83,9 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
         version=__version__,
         summary="A self-hosted chat server for language models with server-side memory.",
         lifespan=lifespan,
+        # The chat page's router serves /docs from local files; ReDoc would need a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.dialects = [
         openai.router,
@@ -108,6 +112,9 @@ def install_guards(app: FastAPI, settings: Settings) -> None:
     browser rules of local mode, and the shutdown signal open streams watch."""
     install_error_handlers(app)
     install_shutdown(app)
+    # The chat page's files are public (they need no token); it names them before the
+    # auth guard is installed.
+    web.install(app)
     install_auth(app)
     install_body_limit(app, settings)
     install_url_text(app)

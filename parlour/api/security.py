@@ -26,9 +26,11 @@ BEARER_SCHEME = {
 
 
 def public_paths(app: FastAPI) -> frozenset[str]:
-    """Paths answered without a token: the health probe and the API's own description."""
+    """Paths answered without a token: the health probe, the API's own description, and
+    whatever app.state.public_paths adds (the chat page and its files)."""
     docs = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
-    return frozenset({"/health", *(p for p in docs if p)})
+    extra: frozenset[str] = getattr(app.state, "public_paths", frozenset())
+    return frozenset({"/health", *(p for p in docs if p), *extra})
 
 
 class AuthMiddleware:
