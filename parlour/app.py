@@ -12,10 +12,14 @@ from fastapi import FastAPI
 from . import __version__
 from .api import admin, bots, conversations, health, kernel2, openai
 from .api.errors import install_error_handlers
+from .api.middleware import GuardMiddleware, RequestContextMiddleware
 from .api.security import install_auth
 from .auth import Authenticator, Principal
 from .engine import Engine
+from .logging import configure as configure_logging
+from .metrics import Metrics
 from .models import ModelRegistry, build_registry
+from .ratelimit import Admission, RateLimiter, open_storage
 from .settings import Settings
 from .store.db import Database
 from .store.queries import LOCAL_OWNER
@@ -39,6 +43,13 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
             cache_dir=settings.cache_dir,
         )
         engine = Engine(db=db, models=registry)
+        if metrics is not None:
+            engine.observer = metrics
+            metrics.models = registry
+            metrics.watch_database(db)
+        app.state.limiter = RateLimiter(
+            db=db, settings=settings, storage=open_storage(settings, db)
+        )
         owner_id = await engine.owner_id(LOCAL_OWNER)
         app.state.settings = settings
         app.state.db = db
@@ -55,6 +66,8 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
             await engine.close()
             await registry.close()
             await db.close()
+            if metrics is not None:
+                metrics.close()
 
     app = FastAPI(
         title="parlour",
@@ -68,7 +81,16 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
         bots.bot_api_shape(),
     ]
     install_error_handlers(app)
+    metrics = Metrics.from_env() if settings.metrics else None
+    app.state.metrics = metrics
+    app.state.admission = Admission(
+        max_queue=settings.max_queue, max_per_owner=settings.max_concurrent_per_owner
+    )
+    # Middleware added first runs innermost: limits see the principal auth resolved, and
+    # the request id wraps everything, auth refusals included.
+    app.add_middleware(GuardMiddleware, admission=app.state.admission, metrics=metrics)
     install_auth(app)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(conversations.router)
@@ -81,7 +103,9 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
 
 def app_from_env() -> FastAPI:
     """An app built from PARLOUR_* variables: the factory each `--workers` process runs."""
-    app = create_app(Settings.from_env())
+    settings = Settings.from_env()
+    configure_logging(level=settings.log_level, log_format=settings.log_format)
+    app = create_app(settings)
     freeze_startup_objects()
     return app
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ from .history import HistoryCache
 from .knowledge import Hit
 from .locks import turn_locks
 from .models import LoadedModel, ModelRegistry
+from .observe import Observer
 from .store import queries
 from .store.db import Database
 from .store.tables import Bot, Conversation, Message, utcnow
@@ -153,10 +155,12 @@ class TurnStream(GenerationStream[TurnResult]):
     def __init__(self, engine: Engine, request: TurnRequest) -> None:
         self._engine = engine
         self._request = request
-        super().__init__(engine.running)
+        super().__init__(engine.running, engine.observer)
 
     async def _work(self) -> None:
+        asked = time.perf_counter()
         async with self._engine.locks.hold(self._request.conversation_id):
+            self._watch.lock_waited(time.perf_counter() - asked)
             self._interruptible = False
             await self._turn()
 
@@ -322,6 +326,8 @@ class Engine:
         self.models = models
         self.locks = turn_locks(db.url, is_sqlite=db.is_sqlite)
         self.running: set[GenerationStream[object]] = set()
+        #: Told about every generation (parlour.metrics sets one that records them).
+        self.observer = Observer()
         self.history = HistoryCache()
         #: (owner, session key) -> conversation id, as last seen by this process; a turn
         #: re-checks the binding in its own transaction (see TurnRequest.session_key).

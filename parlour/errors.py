@@ -111,3 +111,28 @@ class Conflict(ParlourError):
     status = 409
     code = "conflict"
     type = "invalid_request_error"
+
+
+class RateLimited(ParlourError):
+    """A key or owner used up a limit; `retry_after` says in how many seconds it may retry."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+    type = "requests"
+
+    def __init__(self, message: str, *, retry_after: float, kind: str = "requests") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.type = kind
+
+
+class Overloaded(ParlourError):
+    """The model's queue is full: the request is refused at once instead of waiting."""
+
+    status = 503
+    code = "server_overloaded"
+    type = "server_error"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

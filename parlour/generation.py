@@ -16,6 +16,7 @@ from typing import Generic, TypeVar
 
 from .backends.base import Backend, ChatMessage, FinishReason, GenerationParams
 from .errors import BackendError, ParlourError
+from .observe import Observer, Watch
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class Generated:
     prompt_tokens: int
     completion_tokens: int
     elapsed_ms: int
+    cached_tokens: int = 0
 
 
 class GenerationStream(Generic[R]):
@@ -46,7 +48,9 @@ class GenerationStream(Generic[R]):
     #: Said when the client leaves before generation starts.
     cancelled_message = "The client went away before generation started."
 
-    def __init__(self, running: set[GenerationStream[object]]) -> None:
+    def __init__(
+        self, running: set[GenerationStream[object]], observer: Observer | None = None
+    ) -> None:
         self._deltas: asyncio.Queue[str | None] = asyncio.Queue()
         self._output = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -58,6 +62,7 @@ class GenerationStream(Generic[R]):
         # during its writes a cancel request is noted and honoured at the next step.
         self._interruptible = True
         self.model: str | None = None
+        self._watch = observer.watch() if observer is not None else Watch()
         self._task = asyncio.create_task(self._run())
         running.add(self)  # type: ignore[arg-type]
         self._task.add_done_callback(lambda _task: running.discard(self))
@@ -130,6 +135,8 @@ class GenerationStream(Generic[R]):
         except Exception as exc:
             log.exception("generation failed")
             self._fail(BackendError(f"The request failed: {type(exc).__name__}: {exc}"))
+        finally:
+            self._watch.done(self.model)
 
     async def _work(self) -> None:
         raise NotImplementedError
@@ -146,21 +153,25 @@ class GenerationStream(Generic[R]):
         """Stream from the backend into this handle; a cancel ends it as `cancelled`."""
         pieces: list[str] = []
         finish: FinishReason = "stop"
-        completion_tokens = 0
+        completion_tokens = cached_tokens = 0
         began = time.perf_counter()
         self._interruptible = True
+        self._watch.generating()
         generation = backend.stream(messages, params, session=session)
         try:
             if self._cancel_requested:
                 raise asyncio.CancelledError
             async for chunk in generation:
                 if chunk.text:
+                    if not pieces:
+                        self._watch.first_token()
                     pieces.append(chunk.text)
                     self._emit(chunk.text)
                 if chunk.finish_reason is not None:
                     finish = chunk.finish_reason
                     prompt_tokens = chunk.prompt_tokens or prompt_tokens
                     completion_tokens = chunk.completion_tokens
+                    cached_tokens = chunk.cached_tokens
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None:
@@ -178,10 +189,13 @@ class GenerationStream(Generic[R]):
         text = "".join(pieces)
         if finish in ("cancelled", "error"):
             completion_tokens = backend.count_tokens(text)
-        return Generated(
+        generated = Generated(
             text=text,
             finish_reason=finish,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             elapsed_ms=int((time.perf_counter() - began) * 1000),
+            cached_tokens=cached_tokens,
         )
+        self._watch.generated(generated)
+        return generated

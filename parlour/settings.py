@@ -39,6 +39,21 @@ class Settings:
     jwt_public_key: Path | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+    #: `text` or `json` (one object per line); the level of the server's log.
+    log_format: str = "text"
+    log_level: str = "info"
+    #: Serve /metrics and record generations for it.
+    metrics: bool = True
+    #: Limits for every key and JWT subject; a key's own values (`parlour key update`) win.
+    requests_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    #: Generations one owner may have in flight in one process.
+    max_concurrent_per_owner: int | None = None
+    #: Generations one process holds at once (running or waiting); beyond it, 503.
+    max_queue: int | None = None
+    #: A `limits` storage URI for request counters (e.g. redis://host:6379); default:
+    #: this process's memory on SQLite, the database itself on PostgreSQL.
+    rate_limit_storage: str | None = None
 
     @property
     def resolved_database_url(self) -> str:
@@ -106,4 +121,12 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "jwt_public_key": ("PARLOUR_JWT_PUBLIC_KEY", Path),
     "jwt_issuer": ("PARLOUR_JWT_ISSUER", str),
     "jwt_audience": ("PARLOUR_JWT_AUDIENCE", str),
+    "log_format": ("PARLOUR_LOG_FORMAT", str),
+    "log_level": ("PARLOUR_LOG_LEVEL", str),
+    "metrics": ("PARLOUR_METRICS", _bool),
+    "requests_per_minute": ("PARLOUR_REQUESTS_PER_MINUTE", int),
+    "tokens_per_day": ("PARLOUR_TOKENS_PER_DAY", int),
+    "max_concurrent_per_owner": ("PARLOUR_MAX_CONCURRENT_PER_OWNER", int),
+    "max_queue": ("PARLOUR_MAX_QUEUE", int),
+    "rate_limit_storage": ("PARLOUR_RATE_LIMIT_STORAGE", str),
 }

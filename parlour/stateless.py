@@ -73,7 +73,7 @@ class CompletionStream(GenerationStream[CompletionResult]):
     def __init__(self, engine: Engine, request: CompletionRequest) -> None:
         self._engine = engine
         self._request = request
-        super().__init__(engine.running)
+        super().__init__(engine.running, engine.observer)
 
     async def _work(self) -> None:
         await self._complete()

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..auth import Authenticator
 from ..errors import Unauthorized
 from .errors import error_response
+from .health import HEALTH_PATHS
 
 HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
@@ -26,7 +27,7 @@ BEARER_SCHEME = {
 def public_paths(app: FastAPI) -> frozenset[str]:
     """Paths answered without a token: the health probe and the API's own description."""
     docs = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
-    return frozenset({"/health", *(p for p in docs if p)})
+    return frozenset({*HEALTH_PATHS, *(p for p in docs if p)})
 
 
 class AuthMiddleware:

@@ -40,6 +40,8 @@ class Chunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: Prompt tokens not evaluated because the session's state already held them.
+    cached_tokens: int = 0
 
 
 @dataclass

@@ -39,6 +39,8 @@ class ScriptedBackend(Backend):
         self.queue: deque[str] = deque()
         self.calls: list[ScriptedCall] = []
         self.tokens_generated = 0
+        #: Each session's last prompt, so a follow-up reports the shared prefix as cached.
+        self.session_prompts: dict[str, tuple[ChatMessage, ...]] = {}
 
     @property
     def context_length(self) -> int:
@@ -72,6 +74,7 @@ class ScriptedBackend(Backend):
     ) -> AsyncGenerator[Chunk, None]:
         self.calls.append(ScriptedCall(tuple(messages), params, session))
         prompt = self.prompt_tokens(messages)
+        cached = self._cached(messages, session)
         text = self.reply_for(messages)
         produced = ""
         count = 0
@@ -100,4 +103,18 @@ class ScriptedBackend(Backend):
             finish_reason="length" if finish == "length" else "stop",
             prompt_tokens=prompt,
             completion_tokens=count,
+            cached_tokens=cached,
         )
+
+    def _cached(self, messages: Sequence[ChatMessage], session: str | None) -> int:
+        """Prompt tokens of the messages this session's previous prompt began with."""
+        if session is None:
+            return 0
+        previous = self.session_prompts.get(session, ())
+        self.session_prompts[session] = tuple(messages)
+        shared = 0
+        for old, new in zip(previous, messages, strict=False):
+            if old != new:
+                break
+            shared += 1
+        return sum(self.count_tokens(m.content) + 2 for m in messages[:shared])

@@ -227,6 +227,7 @@ class Request:
         self.pending: list[int] = []
         self.last_token: int | None = None
         self.produced = 0
+        self.reused = 0
         self.sampler: Any = None
         self.slot: Slot | None = None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -388,6 +389,7 @@ class SessionScheduler:
         self.lib.llama_memory_seq_rm(self._memory, slot.seq, reuse, -1)
         del slot.tokens[reuse:]
         request.pending = request.prompt[reuse:]
+        request.reused = reuse
         request.slot = slot
         request.sampler = self._sampler(request.params)
         slot.request = request
@@ -587,5 +589,6 @@ class SessionScheduler:
                 finish_reason=reason,
                 prompt_tokens=len(request.prompt),
                 completion_tokens=request.produced,
+                cached_tokens=request.reused,
             )
         )
