@@ -191,13 +191,20 @@ async def revoke_key(db: Database, ident: str) -> KeyInfo:
     return info
 
 
-async def update_key_limits(db: Database, ident: str, **limits: int | None) -> KeyInfo:
-    """Set a key's `requests_per_minute` / `tokens_per_day` (those given; 0 is unlimited)."""
+async def update_key_limits(
+    db: Database,
+    ident: str,
+    *,
+    requests_per_minute: int | None = None,
+    tokens_per_day: int | None = None,
+) -> KeyInfo:
+    """Set the limits given of the key with this id or prefix (0 is unlimited)."""
     async with db.session() as session, session.begin():
         key, owner = await _find_key(session, ident)
-        for name, value in limits.items():
-            if value is not None:
-                setattr(key, name, value)
+        if requests_per_minute is not None:
+            key.requests_per_minute = requests_per_minute
+        if tokens_per_day is not None:
+            key.tokens_per_day = tokens_per_day
         return _info(key, owner)
 
 
