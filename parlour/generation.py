@@ -114,10 +114,12 @@ class GenerationStream(Generic[R]):
         self._started.set_result(None)
 
     def _finish(self, result: R) -> None:
+        self._watch.done(self.model)
         self._result.set_result(result)
         self._emit(None)
 
     def _fail(self, error: ParlourError) -> None:
+        self._watch.done(self.model)
         self._error = error
         for future in (self._started, self._result):
             if not future.done():
@@ -135,8 +137,6 @@ class GenerationStream(Generic[R]):
         except Exception as exc:
             log.exception("generation failed")
             self._fail(BackendError(f"The request failed: {type(exc).__name__}: {exc}"))
-        finally:
-            self._watch.done(self.model)
 
     async def _work(self) -> None:
         raise NotImplementedError

@@ -276,6 +276,8 @@ class _MetricsWatch(Watch):
 
     def done(self, model: str | None) -> None:
         m = self.metrics
+        if self.state == "done":
+            return
         if self.state == "queued":
             m.queued.dec()
             m.now_queued -= 1

@@ -29,7 +29,8 @@ class Watch:
         """The backend finished (or was stopped) with these token counts."""
 
     def done(self, model: str | None) -> None:
-        """The generation ended, however it ended; `model` served it, if one was chosen."""
+        """The generation ended, however it ended (called once or more, before its result
+        is visible); `model` served it, if one was chosen."""
 
 
 class Observer:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +25,7 @@ from parlour.cli import main
 from parlour.ratelimit import duration
 from parlour.settings import Settings
 
+from .conftest import POSTGRES_ADMIN_URL, fresh_database, start_server
 from .support.dialects import make_bot
 
 URL = "/v1/chat/completions"
@@ -301,3 +303,48 @@ def test_key_commands_set_and_change_limits(settings: Settings) -> None:
 )
 def test_durations_are_written_like_openai(seconds: float, text: str) -> None:
     assert duration(seconds) == text
+
+
+@pytest.fixture
+def shared_postgres() -> Iterator[str]:
+    """A fresh PostgreSQL database for server processes; skipped without one configured."""
+    if not POSTGRES_ADMIN_URL:
+        pytest.skip("set PARLOUR_TEST_POSTGRES_URL to run server processes on PostgreSQL")
+    with fresh_database() as url:
+        assert url is not None
+        yield url
+
+
+def test_limits_hold_across_two_processes(tmp_path: Path, shared_postgres: str) -> None:
+    env = {
+        "PARLOUR_DATABASE_URL": shared_postgres,
+        "PARLOUR_REQUESTS_PER_MINUTE": "3",
+        "PARLOUR_TOKENS_PER_DAY": "100000",
+    }
+    servers = [
+        start_server(tmp_path / f"server{i}", "--model", "scripted", env=env) for i in range(2)
+    ]
+    try:
+        replies = [
+            httpx.post(
+                f"{servers[i % 2].url}{URL}",
+                json=ask(f"message {i}"),
+                headers={"x-session-key": f"p{i}"},
+                timeout=30,
+            )
+            for i in range(5)
+        ]
+    finally:
+        for server in servers:
+            server.stop()
+    assert [r.status_code for r in replies] == [200, 200, 200, 429, 429]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in replies] == [
+        "2",
+        "1",
+        "0",
+        "0",
+        "0",
+    ]
+    # Each process sees the tokens the other one used: the quota shrinks turn by turn.
+    tokens = [int(r.headers["x-ratelimit-remaining-tokens"]) for r in replies[:3]]
+    assert tokens[0] == 100000 and tokens[0] > tokens[1] > tokens[2]
