@@ -184,7 +184,7 @@ class Metrics(Observer):
         self.request_seconds.labels(route, dialect).observe(seconds)
 
     def watch_database(self, db: Database) -> None:
-        """Time every statement that runs through the database's SQLAlchemy engine."""
+        """Time every statement the database runs (through SQLAlchemy or directly)."""
         timing = self.statement_seconds
 
         def before(conn: Any, *_args: Any) -> None:
@@ -197,6 +197,8 @@ class Metrics(Observer):
 
         event.listen(db.engine.sync_engine, "before_cursor_execute", before)
         event.listen(db.engine.sync_engine, "after_cursor_execute", after)
+        if db.direct is not None:  # a turn's statements on a SQLite file skip SQLAlchemy
+            db.direct.timed = timing.observe
 
     def refresh(self) -> None:
         """Read model and session state into their gauges."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ from parlour.auth import create_key
 from parlour.backends.scripted import ScriptedBackend
 from parlour.settings import Settings
 
-from .conftest import ServerProcess
+from .conftest import POSTGRES_ADMIN_URL, ServerProcess, fresh_database, start_server
 
 URL = "/v1/chat/completions"
 
@@ -51,12 +52,17 @@ async def test_turns_move_the_counters_by_what_happened(
     before = await scrape(client)
     assert value(before, "parlour_prompt_tokens_evaluated_total") == 0
     assert value(before, "parlour_model_ready", model="scripted") == 1
-    usages = []
+    usages, scrapes = [], []
     for text in ("hello there", "and a follow-up question"):
         response = await client.post(URL, json=ask(text), headers={"x-session-key": "m"})
         assert response.status_code == 200, response.text
         usages.append(response.json()["usage"])
-    after = await scrape(client)
+        scrapes.append(await scrape(client))
+    middle, after = scrapes
+    statements = "parlour_db_statement_duration_seconds_count"
+    # The follow-up stores two messages and the usage row at least (on SQLite outside
+    # SQLAlchemy), and the scrape itself runs none.
+    assert value(after, statements) - value(middle, statements) >= 3
 
     prompt = sum(u["prompt_tokens"] for u in usages)
     completion = sum(u["completion_tokens"] for u in usages)
@@ -171,3 +177,32 @@ def test_the_embedded_model_reports_reused_prompt_tokens(model_server: ServerPro
     assert moved(reused, middle, end) > first["prompt_tokens"] // 2
     assert moved(reused, middle, end) + moved(evaluated, middle, end) == second["prompt_tokens"]
     assert moved("parlour_completion_tokens_total", middle, end) == second["completion_tokens"]
+
+
+def test_workers_add_up_in_one_scrape(tmp_path: Path) -> None:
+    if not POSTGRES_ADMIN_URL:
+        pytest.skip("set PARLOUR_TEST_POSTGRES_URL to run several workers on PostgreSQL")
+    with fresh_database() as url:
+        assert url is not None
+        server = start_server(
+            tmp_path / "workers",
+            "--model",
+            "scripted",
+            "--workers",
+            "2",
+            env={"PARLOUR_DATABASE_URL": url},
+        )
+        try:
+            # No keep-alive: each request is a new connection, for either worker to accept.
+            fresh = httpx.Limits(max_keepalive_connections=0)
+            with httpx.Client(base_url=server.url, timeout=30, limits=fresh) as client:
+                for i in range(6):
+                    reply = client.post(URL, json=ask(f"hi {i}"), headers={"x-session-key": "w"})
+                    assert reply.status_code == 200, reply.text
+                scrapes = [samples(client.get("/metrics").text) for _ in range(4)]
+        finally:
+            server.stop()
+    ok = {"route": URL, "status": "200"}
+    assert [value(s, "parlour_http_requests_total", **ok) for s in scrapes] == [6] * 4
+    assert [value(s, "parlour_generations_total") for s in scrapes] == [6] * 4
+    assert [value(s, "parlour_generations_running") for s in scrapes] == [0] * 4
