@@ -19,7 +19,8 @@ from .engine import Engine
 from .logging import configure as configure_logging
 from .metrics import Metrics
 from .models import ModelRegistry, build_registry
-from .ratelimit import Admission, RateLimiter, open_storage
+from .observe import Observers
+from .ratelimit import Admission, RateLimiter, TokenMeter, open_storage
 from .settings import Settings
 from .store.db import Database
 from .store.queries import LOCAL_OWNER
@@ -43,13 +44,12 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
             cache_dir=settings.cache_dir,
         )
         engine = Engine(db=db, models=registry)
+        engine.observer = TokenMeter()
         if metrics is not None:
-            engine.observer = metrics
+            engine.observer = Observers(metrics, engine.observer)
             metrics.models = registry
             metrics.watch_database(db)
-        app.state.limiter = RateLimiter(
-            db=db, settings=settings, storage=open_storage(settings, db)
-        )
+        app.state.limiter = RateLimiter(settings=settings, storage=open_storage(settings, db))
         owner_id = await engine.owner_id(LOCAL_OWNER)
         app.state.settings = settings
         app.state.db = db

@@ -20,7 +20,7 @@ def key_limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
         "--tpd",
         type=click.IntRange(min=0),
         default=None,
-        help="Tokens per day (prompt + completion, UTC days) for the key's owner "
+        help="Tokens per day (prompt + completion, UTC days) for this key "
         "[PARLOUR_TOKENS_PER_DAY]; 0 is unlimited.",
     )(command)
     return click.option(

@@ -23,6 +23,8 @@ class RequestInfo:
     method: str
     path: str
     state: dict[str, Any] = field(default_factory=dict)
+    #: Prompt and completion tokens of the generations this request ran.
+    tokens: int = 0
 
     @property
     def owner_id(self) -> str | None:

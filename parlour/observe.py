@@ -42,3 +42,42 @@ class Observer:
     def watch(self) -> Watch:
         """A watch for a generation that is starting now."""
         return self._silent
+
+
+class Observers(Observer):
+    """Several observers told about the same generations."""
+
+    def __init__(self, *observers: Observer) -> None:
+        super().__init__()
+        self.observers = observers
+
+    def watch(self) -> Watch:
+        """A watch that tells each observer's own watch."""
+        return _Watches([observer.watch() for observer in self.observers])
+
+
+class _Watches(Watch):
+    __slots__ = ("watches",)
+
+    def __init__(self, watches: list[Watch]) -> None:
+        self.watches = watches
+
+    def lock_waited(self, seconds: float) -> None:
+        for watch in self.watches:
+            watch.lock_waited(seconds)
+
+    def generating(self) -> None:
+        for watch in self.watches:
+            watch.generating()
+
+    def first_token(self) -> None:
+        for watch in self.watches:
+            watch.first_token()
+
+    def generated(self, result: Generated) -> None:
+        for watch in self.watches:
+            watch.generated(result)
+
+    def done(self, model: str | None) -> None:
+        for watch in self.watches:
+            watch.done(model)

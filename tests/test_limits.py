@@ -17,6 +17,7 @@ import openai
 import pytest
 from click.testing import CliRunner
 from fastapi import FastAPI
+from sqlalchemy import func, select
 
 from parlour.app import create_app
 from parlour.auth import create_key, list_keys, update_key_limits
@@ -24,6 +25,7 @@ from parlour.backends.scripted import ScriptedBackend
 from parlour.cli import main
 from parlour.ratelimit import duration
 from parlour.settings import Settings
+from parlour.store.tables import Usage
 
 from .conftest import POSTGRES_ADMIN_URL, fresh_database, start_server
 from .support.dialects import make_bot
@@ -348,3 +350,26 @@ def test_limits_hold_across_two_processes(tmp_path: Path, shared_postgres: str) 
     # Each process sees the tokens the other one used: the quota shrinks turn by turn.
     tokens = [int(r.headers["x-ratelimit-remaining-tokens"]) for r in replies[:3]]
     assert tokens[0] == 100000 and tokens[0] > tokens[1] > tokens[2]
+
+
+async def test_streamed_replies_count_against_the_token_quota(settings: Settings) -> None:
+    async with serving(settings, tokens_per_day=1000) as app:
+        key = await create_key(app.state.db, owner="streamer")
+        async with http(app, key.secret) as client:
+            streamed = await client.post(
+                URL,
+                json={**ask("stream this please"), "stream": True},
+                headers={"x-session-key": "st"},
+            )
+            assert streamed.status_code == 200 and "[DONE]" in streamed.text
+            after = await post_openai(client, "and now")
+        async with app.state.db.read() as session, session.begin():
+            recorded = await session.scalar(
+                select(func.sum(Usage.prompt_tokens + Usage.completion_tokens))
+            )
+    assert streamed.headers["x-ratelimit-remaining-tokens"] == "1000"
+    # Only the streamed turn had ended when `after` was checked; it counted what usage holds
+    # for it (the usage table also holds `after` by now).
+    used = 1000 - int(after.headers["x-ratelimit-remaining-tokens"])
+    assert 0 < used < recorded
+    assert recorded - used == after.json()["usage"]["total_tokens"]

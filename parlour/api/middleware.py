@@ -37,6 +37,12 @@ def request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
+def _tokens() -> int:
+    """Tokens the current request's generations used so far."""
+    info = current_request.get()
+    return info.tokens if info is not None else 0
+
+
 def _route(scope: Scope) -> tuple[str, str]:
     """The matched route's template and dialect (its first tag); unmatched paths share one."""
     route = scope.get("route")
@@ -125,26 +131,35 @@ class GuardMiddleware:
         except ParlourError as exc:
             await self._refuse(scope, receive, send, exc, None)
             return
+        limiter: RateLimiter = scope["app"].state.limiter
+        spent = not generation
         try:
-            limiter: RateLimiter = scope["app"].state.limiter
             standing = await limiter.check(principal, consume=generation)
             if standing.refusal is not None:
+                spent = True
                 await self._refuse(scope, receive, send, standing.refusal, standing)
                 return
             extra = [(k.encode(), v.encode()) for k, v in standing.headers()]
-            if not speaks_openai or not extra:
-                await self.app(scope, receive, send)
-                return
+            if not speaks_openai:
+                extra = []
 
-            async def send_with_limits(message: Message) -> None:
-                if message["type"] == "http.response.start":
+            async def send_guarded(message: Message) -> None:
+                nonlocal spent
+                if message["type"] == "http.response.start" and extra:
                     message["headers"] = [*message.get("headers", []), *extra]
+                elif not spent and not message.get("more_body", False):
+                    # Counted before the response ends, so the client's next request
+                    # already sees these tokens.
+                    spent = True
+                    await limiter.spend(principal, _tokens())
                 await send(message)
 
-            await self.app(scope, receive, send_with_limits)
+            await self.app(scope, receive, send_guarded)
         finally:
             if generation:
                 self.admission.leave(owner)
+            if not spent:
+                await limiter.spend(principal, _tokens())
 
     async def _refuse(
         self,

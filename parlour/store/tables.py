@@ -199,10 +199,7 @@ class Usage(Base):
     """Tokens of one generation; kept when the bot is deleted, so `bot_id` has no foreign key."""
 
     __tablename__ = "usage"
-    __table_args__ = (
-        Index("ix_usage_created_at", "created_at"),
-        Index("ix_usage_owner_created", "owner_id", "created_at"),
-    )
+    __table_args__ = (Index("ix_usage_created_at", "created_at"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     owner_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("owners.id", ondelete="CASCADE"))
@@ -216,7 +213,8 @@ class Usage(Base):
 
 
 class RateLimitCounter(Base):
-    """A request counter of the `limits` fixed-window strategy, shared by every process."""
+    """A counter of the `limits` fixed-window strategy (requests per minute, tokens per
+    day), shared by every process."""
 
     __tablename__ = "rate_limit_counters"
 

@@ -1,4 +1,4 @@
-"""Per-key limits, owners' usage by day, and shared request counters.
+"""Per-key limits and the counters that enforce them across processes.
 
 Revision ID: 0006
 Revises: 0004
@@ -17,11 +17,9 @@ depends_on: str | None = None
 
 
 def upgrade() -> None:
-    """Add api_keys.requests_per_minute and tokens_per_day, an index for an owner's tokens
-    of one day, and the table of request counters."""
+    """Add api_keys.requests_per_minute and tokens_per_day, and the table of counters."""
     op.add_column("api_keys", sa.Column("requests_per_minute", sa.Integer(), nullable=True))
     op.add_column("api_keys", sa.Column("tokens_per_day", sa.Integer(), nullable=True))
-    op.create_index("ix_usage_owner_created", "usage", ["owner_id", "created_at"])
     op.create_table(
         "rate_limit_counters",
         sa.Column("key", sa.String(255), primary_key=True),
@@ -33,6 +31,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     """Drop what upgrade() added."""
     op.drop_table("rate_limit_counters")
-    op.drop_index("ix_usage_owner_created", table_name="usage")
     op.drop_column("api_keys", "tokens_per_day")
     op.drop_column("api_keys", "requests_per_minute")
