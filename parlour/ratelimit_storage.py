@@ -24,7 +24,7 @@ _INCR = text(
     "ELSE rate_limit_counters.hits + EXCLUDED.hits END, "
     f"expires_at = CASE WHEN rate_limit_counters.expires_at <= {_NOW} "
     "THEN EXCLUDED.expires_at ELSE rate_limit_counters.expires_at END "
-    "RETURNING hits"
+    "RETURNING hits, expires_at"
 )
 _GET = text(f"SELECT hits FROM rate_limit_counters WHERE key = :key AND expires_at > {_NOW}")
 _EXPIRY = text(
@@ -47,11 +47,17 @@ class DatabaseStorage(Storage):
 
     async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         """Add `amount` to the key's counter (a new window if it expired); the new count."""
+        return (await self.incr_window(key, expiry, amount))[0]
+
+    async def incr_window(self, key: str, expiry: int, amount: int = 1) -> tuple[int, float]:
+        """Like incr(), with when the window ends (seconds since the epoch) from the same
+        statement."""
         async with self.engine.connect() as conn:
             result = await conn.execute(
                 _INCR, {"key": key, "amount": amount, "expiry": float(expiry)}
             )
-            return int(result.scalar_one())
+            hits, ends = result.one()
+        return int(hits), float(ends)
 
     async def get(self, key: str) -> int:
         """The key's count in its current window (0 when none is open)."""
