@@ -6,6 +6,7 @@ import uuid
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -219,6 +220,6 @@ class RateLimitCounter(Base):
     __tablename__ = "rate_limit_counters"
 
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
-    hits: Mapped[int] = mapped_column(Integer, default=0)
+    hits: Mapped[int] = mapped_column(BigInteger, default=0)
     #: When the window ends, in seconds since the epoch (the database's clock).
     expires_at: Mapped[float] = mapped_column(Float)

@@ -23,7 +23,7 @@ def upgrade() -> None:
     op.create_table(
         "rate_limit_counters",
         sa.Column("key", sa.String(255), primary_key=True),
-        sa.Column("hits", sa.Integer(), nullable=False),
+        sa.Column("hits", sa.BigInteger(), nullable=False),
         sa.Column("expires_at", sa.Float(), nullable=False),
     )
 
