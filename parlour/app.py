@@ -64,6 +64,7 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
             yield
         finally:
             await engine.close()
+            await app.state.limiter.close()
             await registry.close()
             await db.close()
             if metrics is not None:

@@ -17,7 +17,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, Storage
@@ -103,7 +102,7 @@ def open_storage(settings: Settings, db: Database) -> Storage:
         return storage
     if db.is_sqlite:
         return MemoryStorage()
-    return DatabaseStorage(db.engine)
+    return DatabaseStorage(db.url)
 
 
 class RateLimiter:
@@ -131,21 +130,25 @@ class RateLimiter:
     async def check(self, principal: Principal, *, consume: bool) -> Standing:
         """The principal's standing; with `consume` this request counts and may be refused."""
         rpm, tpd = self.limits(principal)
+        if rpm is None and tpd is None:
+            return Standing()
+        count, ends, used = await self._counts(principal, rpm, tpd, consume=consume)
         requests = tokens = None
         if rpm is not None:
-            requests, allowed = await self._requests(principal, rpm, consume=consume)
-            if not allowed:
+            reset = max(0.0, ends - time.time())
+            requests = Quota(limit=rpm, remaining=max(0, rpm - count), reset=reset)
+            if count > rpm:
                 return Standing(
                     requests=requests,
                     refusal=RateLimited(
                         f"Rate limit reached: {rpm} requests per minute. Try again in "
-                        f"{duration(requests.reset)}.",
-                        retry_after=requests.reset,
+                        f"{duration(reset)}.",
+                        retry_after=reset,
                     ),
                 )
         if tpd is not None:
-            tokens = await self._tokens(principal, tpd)
-            if consume and tokens.remaining <= 0:
+            tokens = Quota(limit=tpd, remaining=max(0, tpd - used), reset=self._day(principal)[1])
+            if consume and used >= tpd:
                 return Standing(
                     requests=requests,
                     tokens=tokens,
@@ -158,35 +161,36 @@ class RateLimiter:
                 )
         return Standing(requests=requests, tokens=tokens)
 
-    async def _requests(
-        self, principal: Principal, rpm: int, *, consume: bool
-    ) -> tuple[Quota, bool]:
-        # FixedWindowRateLimiter.hit() and get_window_stats(), with the count and the
-        # window's end read in one statement where the storage can (the database).
-        item = RateLimitItemPerMinute(rpm)
-        key = item.key_for("parlour", _who(principal))
+    async def _counts(
+        self, principal: Principal, rpm: int | None, tpd: int | None, *, consume: bool
+    ) -> tuple[int, float, int]:
+        """(requests in this minute's window with this one if `consume`, when the window
+        ends, tokens used today): FixedWindowRateLimiter.hit() and get_window_stats(), in
+        one statement where the storage can (the database)."""
+        item = RateLimitItemPerMinute(rpm or 1)
+        key = item.key_for("parlour", _who(principal)) if rpm is not None else None
+        day = self._day(principal)[0] if tpd is not None else None
         storage = self.storage
-        if consume and isinstance(storage, DatabaseStorage):
-            count, ends = await storage.incr_window(key, item.get_expiry())
-        else:
-            count = (
-                await storage.incr(key, item.get_expiry()) if consume else await storage.get(key)
-            )
+        if consume and key is not None and isinstance(storage, DatabaseStorage):
+            return await storage.hit(key, item.get_expiry(), also=day)
+        count, ends, used = 0, 0.0, 0
+        if key is not None:
+            count = await (storage.incr(key, item.get_expiry()) if consume else storage.get(key))
             ends = await storage.get_expiry(key)
-        quota = Quota(limit=rpm, remaining=max(0, rpm - count), reset=max(0.0, ends - time.time()))
-        return quota, count <= rpm
+        if day is not None:
+            used = await storage.get(day)
+        return count, ends, used
 
     def _day(self, principal: Principal) -> tuple[str, float]:
         """The key of the principal's token counter today (UTC), and seconds until midnight."""
-        now = datetime.fromtimestamp(self.clock(), UTC)
-        midnight = now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
-        key = f"parlour/tokens/{_who(principal)}/{now.date().isoformat()}"
-        return key, (midnight - now).total_seconds()
+        now = self.clock()
+        day = int(now // DAY)  # days since the epoch: UTC days, as POSIX time has no leap seconds
+        return f"parlour/tokens/{_who(principal)}/{day}", (day + 1) * DAY - now
 
-    async def _tokens(self, principal: Principal, tpd: int) -> Quota:
-        key, reset = self._day(principal)
-        used = await self.storage.get(key)
-        return Quota(limit=tpd, remaining=max(0, tpd - used), reset=reset)
+    async def close(self) -> None:
+        """Release the storage's connections, if it has any."""
+        if isinstance(self.storage, DatabaseStorage):
+            await self.storage.close()
 
     async def spend(self, principal: Principal, tokens: int) -> None:
         """Count a finished generation's tokens against the principal's quota for today."""
