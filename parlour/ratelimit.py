@@ -11,6 +11,8 @@ is not summed per request: that costs time in proportion to the owner's turns of
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import re
 import time
@@ -37,6 +39,10 @@ GENERATION_PATHS = frozenset(
 )
 _MESSAGES_PATH = re.compile(r"^/conversations/[^/]+/messages/?$")
 DAY = 86_400.0
+#: Seconds within which a process writes the tokens it counted to the shared storage.
+FLUSH_S = 0.25
+
+log = logging.getLogger(__name__)
 
 
 def is_generation(method: str, path: str) -> bool:
@@ -119,6 +125,9 @@ class RateLimiter:
         self.storage = storage
         #: Seconds since the epoch; tests move it to the next day.
         self.clock = clock
+        #: Tokens counted here and not yet written: key -> (tokens, expiry in seconds).
+        self._pending: dict[str, tuple[int, int]] = {}
+        self._flusher: asyncio.Task[None] | None = None
 
     def limits(self, principal: Principal) -> tuple[int | None, int | None]:
         """(requests per minute, tokens per day) for a principal; None: unlimited."""
@@ -137,7 +146,7 @@ class RateLimiter:
         if rpm is not None:
             reset = max(0.0, ends - time.time())
             requests = Quota(limit=rpm, remaining=max(0, rpm - count), reset=reset)
-            if count > rpm:
+            if consume and count > rpm:
                 return Standing(
                     requests=requests,
                     refusal=RateLimited(
@@ -171,15 +180,17 @@ class RateLimiter:
         key = item.key_for("parlour", _who(principal)) if rpm is not None else None
         day = self._day(principal)[0] if tpd is not None else None
         storage = self.storage
+        unwritten = self._pending.get(day, (0, 0))[0] if day is not None else 0
         if consume and key is not None and isinstance(storage, DatabaseStorage):
-            return await storage.hit(key, item.get_expiry(), also=day)
+            count, ends, used = await storage.hit(key, item.get_expiry(), also=day)
+            return count, ends, used + unwritten
         count, ends, used = 0, 0.0, 0
         if key is not None:
             count = await (storage.incr(key, item.get_expiry()) if consume else storage.get(key))
             ends = await storage.get_expiry(key)
         if day is not None:
             used = await storage.get(day)
-        return count, ends, used
+        return count, ends, used + unwritten
 
     def _day(self, principal: Principal) -> tuple[str, float]:
         """The key of the principal's token counter today (UTC), and seconds until midnight."""
@@ -188,17 +199,42 @@ class RateLimiter:
         return f"parlour/tokens/{_who(principal)}/{day}", (day + 1) * DAY - now
 
     async def close(self) -> None:
-        """Release the storage's connections, if it has any."""
+        """Write the tokens not yet counted, and release the storage's connections."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        await self._flush()
         if isinstance(self.storage, DatabaseStorage):
             await self.storage.close()
 
-    async def spend(self, principal: Principal, tokens: int) -> None:
-        """Count a finished generation's tokens against the principal's quota for today."""
+    def spend(self, principal: Principal, tokens: int) -> None:
+        """Count a finished generation's tokens against the principal's quota for today.
+
+        This process sees them at once; they are written to the shared storage within
+        FLUSH_S, all of one key in one statement, so a busy key costs no write per request.
+        """
         if tokens <= 0 or self.limits(principal)[1] is None:
             return
         key, reset = self._day(principal)
         # Kept an hour past midnight, so a clock a little behind still finds today's.
-        await self.storage.incr(key, math.ceil(reset) + 3600, amount=tokens)
+        amount, _expiry = self._pending.get(key, (0, 0))
+        self._pending[key] = (amount + tokens, math.ceil(reset) + 3600)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(FLUSH_S)
+        await self._flush()
+
+    async def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for key, (amount, expiry) in pending.items():
+            try:
+                await self.storage.incr(key, expiry, amount=amount)
+            except Exception:  # the storage is down: keep the tokens for the next flush
+                log.warning("could not count %d tokens for %s", amount, key, exc_info=True)
+                held, _ = self._pending.get(key, (0, expiry))
+                self._pending[key] = (held + amount, expiry)
 
 
 def _who(principal: Principal) -> str:

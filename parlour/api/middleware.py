@@ -149,9 +149,9 @@ class GuardMiddleware:
                     message["headers"] = [*message.get("headers", []), *extra]
                 elif not spent and not message.get("more_body", False):
                     # Counted before the response ends, so the client's next request
-                    # already sees these tokens.
+                    # (to this process) already sees these tokens.
                     spent = True
-                    await limiter.spend(principal, _tokens())
+                    limiter.spend(principal, _tokens())
                 await send(message)
 
             await self.app(scope, receive, send_guarded)
@@ -159,7 +159,7 @@ class GuardMiddleware:
             if generation:
                 self.admission.leave(owner)
             if not spent:
-                await limiter.spend(principal, _tokens())
+                limiter.spend(principal, _tokens())
 
     async def _refuse(
         self,
