@@ -65,6 +65,27 @@ class Metrics(Observer):
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self._turn_metrics(r)
+        self.statement_seconds = Histogram(
+            "parlour_db_statement_duration_seconds",
+            "Seconds each database statement took.",
+            buckets=STATEMENT_BUCKETS,
+            registry=r,
+        )
+        self.limited = Counter(
+            "parlour_rate_limited",
+            "Requests refused with 429, by the limit they hit.",
+            ["limit"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "parlour_admission_rejected",
+            "Generations refused with 503 because the queue was full.",
+            registry=r,
+        )
+        self._state_gauges(r)
+
+    def _turn_metrics(self, r: CollectorRegistry) -> None:
         self.first_token = Histogram(
             "parlour_time_to_first_token_seconds",
             "Seconds from the start of a generation to its first text.",
@@ -118,24 +139,6 @@ class Metrics(Observer):
             buckets=WAIT_BUCKETS,
             registry=r,
         )
-        self.statement_seconds = Histogram(
-            "parlour_db_statement_duration_seconds",
-            "Seconds each database statement took.",
-            buckets=STATEMENT_BUCKETS,
-            registry=r,
-        )
-        self.limited = Counter(
-            "parlour_rate_limited",
-            "Requests refused with 429, by the limit they hit.",
-            ["limit"],
-            registry=r,
-        )
-        self.rejected = Counter(
-            "parlour_admission_rejected",
-            "Generations refused with 503 because the queue was full.",
-            registry=r,
-        )
-        self._state_gauges(r)
 
     def _state_gauges(self, r: CollectorRegistry) -> None:
         self.model_ready = Gauge(
