@@ -391,3 +391,18 @@ async def test_streamed_replies_count_against_the_token_quota(settings: Settings
     used = 1000 - int(after.headers["x-ratelimit-remaining-tokens"])
     assert 0 < used < recorded
     assert recorded - used == after.json()["usage"]["total_tokens"]
+
+
+async def test_counters_can_live_in_redis(settings: Settings) -> None:
+    pytest.importorskip("coredis", reason="limits[async-redis] is not installed")
+    storage = f"redis://127.0.0.1:6379/{uuid.uuid4().int % 16}"
+    async with serving(settings, rate_limit_storage=storage, tokens_per_day=10**6) as app:
+        if not await app.state.limiter.storage.check():
+            pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+        key = await create_key(app.state.db, owner=f"redis-{uuid.uuid4()}", requests_per_minute=2)
+        async with http(app, key.secret) as client:
+            replies = [await post_openai(client, f"r{i}") for i in range(3)]
+    assert [r.status_code for r in replies] == [200, 200, 429]
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in replies] == ["1", "0", "0"]
+    tokens = [int(r.headers["x-ratelimit-remaining-tokens"]) for r in replies[:2]]
+    assert tokens[0] == 10**6 and tokens[1] < tokens[0]
