@@ -24,6 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from sqlalchemy import event
 
 from .observe import Observer, Watch
+from .store.queries import STATEMENT_TIMER
 
 if TYPE_CHECKING:
     from .generation import Generated
@@ -68,7 +69,7 @@ class Metrics(Observer):
         self._turn_metrics(r)
         self.statement_seconds = Histogram(
             "parlour_db_statement_duration_seconds",
-            "Seconds each database statement took.",
+            "Seconds each statement of a turn's database transactions took.",
             buckets=STATEMENT_BUCKETS,
             registry=r,
         )
@@ -187,21 +188,19 @@ class Metrics(Observer):
         self.request_seconds.labels(route, dialect).observe(seconds)
 
     def watch_database(self, db: Database) -> None:
-        """Time every statement the database runs (through SQLAlchemy or directly)."""
-        timing = self.statement_seconds
+        """Time the statements every turn runs (queries.run), on SQLite and PostgreSQL.
 
-        def before(conn: Any, *_args: Any) -> None:
-            conn.info.setdefault("parlour_began", []).append(time.perf_counter())
+        Not with SQLAlchemy's cursor events: registering any made every statement of a
+        turn on PostgreSQL cost 0.2 ms more CPU per turn (measured, 8% of a turn).
+        """
+        timing = self.statement_seconds.observe
 
-        def after(conn: Any, *_args: Any) -> None:
-            began = conn.info.get("parlour_began")
-            if began:
-                timing.observe(time.perf_counter() - began.pop())
+        def checkout(_dbapi: Any, record: Any, _proxy: Any) -> None:
+            record.info[STATEMENT_TIMER] = timing
 
-        event.listen(db.engine.sync_engine, "before_cursor_execute", before)
-        event.listen(db.engine.sync_engine, "after_cursor_execute", after)
+        event.listen(db.engine.sync_engine.pool, "checkout", checkout)
         if db.direct is not None:  # a turn's statements on a SQLite file skip SQLAlchemy
-            db.direct.timed = timing.observe
+            db.direct.timed = timing
 
     def refresh(self) -> None:
         """Read model and session state into their gauges."""
