@@ -24,6 +24,7 @@ from .api import (
 from .api.body import install_body_limit
 from .api.browser import install_cors
 from .api.errors import install_error_handlers
+from .api.middleware import GuardMiddleware, RequestContextMiddleware
 from .api.responses_run import ResponseRunner
 from .api.security import install_auth
 from .api.shutdown import install_shutdown
@@ -32,6 +33,10 @@ from .auth import Authenticator, Principal
 from .backends.registry import registry_for
 from .files import private_dir
 from .models import ModelRegistry
+from .ops.logs import configure as configure_logging
+from .ops.metrics import Metrics
+from .ops.observe import Observers
+from .ops.ratelimit import Admission, RateLimiter, TokenMeter, open_storage
 from .settings import Settings
 from .store.db import Database
 from .store.notify import EventHub
@@ -56,6 +61,13 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
             max_message_chars=settings.max_message_chars,
             history_chars=settings.history_cache_mb * 2**20,
         )
+        engine.observer = TokenMeter()
+        metrics: Metrics | None = app.state.metrics
+        if metrics is not None:
+            engine.observer = Observers(metrics, engine.observer)
+            metrics.models = registry
+            metrics.watch_database(db)
+        app.state.limiter = RateLimiter(settings=settings, storage=open_storage(settings, db))
         owner_id = await engine.owner_id(LOCAL_OWNER)
         app.state.settings = settings
         app.state.db = db
@@ -75,8 +87,11 @@ def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> Fa
             await app.state.responses.close()
             await hub.close()
             await engine.close()
+            await app.state.limiter.close()
             await registry.close()
             await db.close()
+            if metrics is not None:
+                metrics.close()
 
     app = FastAPI(
         title="parlour",
@@ -115,15 +130,26 @@ def install_guards(app: FastAPI, settings: Settings) -> None:
     # The chat page's files are public (they need no token); it names them before the
     # auth guard is installed.
     web.install(app)
+    metrics = Metrics.from_env() if settings.metrics else None
+    app.state.metrics = metrics
+    app.state.admission = Admission(
+        max_queue=settings.max_queue, max_per_owner=settings.max_concurrent_per_owner
+    )
+    # Middleware added first runs innermost: limits see the principal auth resolved, and
+    # the request id wraps everything, refusals of the outer guards included.
+    app.add_middleware(GuardMiddleware, admission=app.state.admission, metrics=metrics)
     install_auth(app)
     install_body_limit(app, settings)
     install_url_text(app)
     install_cors(app, settings)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
 
 
 def app_from_env() -> FastAPI:
     """An app built from PARLOUR_* variables: the factory each `--workers` process runs."""
-    app = create_app(Settings.from_env())
+    settings = Settings.from_env()
+    configure_logging(level=settings.log_level, log_format=settings.log_format)
+    app = create_app(settings)
     freeze_startup_objects()
     return app
 

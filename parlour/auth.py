@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from .errors import NotFound, Unauthorized
 from .settings import Settings
@@ -50,6 +51,10 @@ class Principal:
     owner_id: uuid.UUID
     name: str
     admin: bool = False
+    #: The API key presented (None for a JWT or the local owner), and its own limits.
+    key_id: uuid.UUID | None = None
+    requests_per_minute: int | None = None
+    tokens_per_day: int | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ class KeyInfo:
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+    requests_per_minute: int | None = None
+    tokens_per_day: int | None = None
 
 
 @dataclass(frozen=True)
@@ -103,10 +110,19 @@ def _info(key: ApiKey, owner: str) -> KeyInfo:
         created_at=key.created_at,
         last_used_at=key.last_used_at,
         revoked_at=key.revoked_at,
+        requests_per_minute=key.requests_per_minute,
+        tokens_per_day=key.tokens_per_day,
     )
 
 
-async def create_key(db: Database, *, owner: str, admin: bool = False) -> NewKey:
+async def create_key(
+    db: Database,
+    *,
+    owner: str,
+    admin: bool = False,
+    requests_per_minute: int | None = None,
+    tokens_per_day: int | None = None,
+) -> NewKey:
     """Create an API key for `owner` (created if new) and return it with its secret."""
     prefix, secret = generate_key()
     async with db.session() as session, session.begin():
@@ -117,6 +133,8 @@ async def create_key(db: Database, *, owner: str, admin: bool = False) -> NewKey
             secret_hash=hash_key(secret),
             admin=admin,
             created_at=utcnow(),
+            requests_per_minute=requests_per_minute,
+            tokens_per_day=tokens_per_day,
         )
         session.add(key)
         await session.flush()
@@ -136,27 +154,50 @@ async def list_keys(db: Database) -> list[KeyInfo]:
         return [_info(key, name) for key, name in rows]
 
 
-async def revoke_key(db: Database, ident: str) -> KeyInfo:
-    """Revoke the key with this id or prefix; revoking twice keeps the first time."""
+async def _find_key(session: AsyncSession, ident: str) -> tuple[ApiKey, str]:
+    """The key with this id or prefix and its owner's name, or NotFound."""
     condition: Any
     try:
         condition = ApiKey.id == uuid.UUID(ident)
     except ValueError:
         condition = ApiKey.prefix == (key_prefix(ident) or ident)
+    found = (
+        await session.execute(
+            select(ApiKey, Owner.name).join(Owner, Owner.id == ApiKey.owner_id).where(condition)
+        )
+    ).all()
+    if len(found) != 1:
+        raise NotFound(f"No API key {ident!r}: `parlour key list` shows the ids of every key.")
+    key, owner = found[0]
+    return key, owner
+
+
+async def revoke_key(db: Database, ident: str) -> KeyInfo:
+    """Revoke the key with this id or prefix; revoking twice keeps the first time."""
     async with db.session() as session, session.begin():
-        found = (
-            await session.execute(
-                select(ApiKey, Owner.name).join(Owner, Owner.id == ApiKey.owner_id).where(condition)
-            )
-        ).all()
-        if len(found) != 1:
-            raise NotFound(f"No API key {ident!r}: `parlour key list` shows the ids of every key.")
-        key, owner = found[0]
+        key, owner = await _find_key(session, ident)
         if key.revoked_at is None:
             key.revoked_at = utcnow()
         info = _info(key, owner)
     db.key_changes += 1
     return info
+
+
+async def update_key_limits(
+    db: Database,
+    ident: str,
+    *,
+    requests_per_minute: int | None = None,
+    tokens_per_day: int | None = None,
+) -> KeyInfo:
+    """Set the limits given of the key with this id or prefix (0 is unlimited)."""
+    async with db.session() as session, session.begin():
+        key, owner = await _find_key(session, ident)
+        if requests_per_minute is not None:
+            key.requests_per_minute = requests_per_minute
+        if tokens_per_day is not None:
+            key.tokens_per_day = tokens_per_day
+        return _info(key, owner)
 
 
 async def active_keys_exist(db: Database) -> bool:
@@ -440,7 +481,14 @@ class Authenticator:
                     await session.execute(
                         update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now)
                     )
-                return Principal(owner_id=key.owner_id, name=owner, admin=key.admin)
+                return Principal(
+                    owner_id=key.owner_id,
+                    name=owner,
+                    admin=key.admin,
+                    key_id=key.id,
+                    requests_per_minute=key.requests_per_minute,
+                    tokens_per_day=key.tokens_per_day,
+                )
         raise Unauthorized(f"Unknown API key. {HOW_TO_AUTHENTICATE}")
 
     async def _owner_id(self, name: str) -> uuid.UUID:

@@ -136,3 +136,20 @@ class BodyInvalid(ParlourError, status=422, code="invalid_body"):
 
 class PreviousResponseNotFound(NotFound, code="previous_response_not_found"):
     """`previous_response_id` names no response of this owner."""
+
+
+class RateLimited(ParlourError, status=429, code="rate_limit_exceeded", type="requests"):
+    """A key or owner used up a limit; `retry_after` says in how many seconds it may retry."""
+
+    def __init__(self, message: str, *, retry_after: float, kind: str = "requests") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.type = kind
+
+
+class Overloaded(ParlourError, status=503, code="server_overloaded"):
+    """The model's queue is full: the request is refused at once instead of waiting."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

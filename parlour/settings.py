@@ -66,6 +66,21 @@ class Settings:
     #: The Responses API's `truncation` when a request leaves it out: `auto` drops the
     #: oldest turns to fit the window, `disabled` answers 400 context_length_exceeded.
     responses_truncation: str = "auto"
+    #: `text` or `json` (one object per line); the level of the server's log.
+    log_format: str = "text"
+    log_level: str = "info"
+    #: Serve /metrics and record generations for it.
+    metrics: bool = True
+    #: Limits for every key and JWT subject; a key's own values (`parlour key update`) win.
+    requests_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    #: Generations one owner may have in flight in one process.
+    max_concurrent_per_owner: int | None = None
+    #: Generations one process holds at once (running or waiting); beyond it, 503.
+    max_queue: int | None = None
+    #: A `limits` storage URI for request counters (e.g. redis://host:6379); default:
+    #: this process's memory on SQLite, the database itself on PostgreSQL.
+    rate_limit_storage: str | None = None
 
     @property
     def resolved_database_url(self) -> str:
@@ -222,5 +237,26 @@ OPTIONS: dict[str, Option] = {
         "PARLOUR_RESPONSES_TRUNCATION",
         str,
         "The Responses API's truncation when a request leaves it out: `auto` or `disabled`.",
+    ),
+    "log_format": Option("PARLOUR_LOG_FORMAT", str, "`text`, or `json` for one object per line."),
+    "log_level": Option("PARLOUR_LOG_LEVEL", str, "Logging level."),
+    "metrics": Option("PARLOUR_METRICS", boolean, "Serve /metrics and record generations."),
+    "requests_per_minute": Option(
+        "PARLOUR_REQUESTS_PER_MINUTE", int, "Requests per minute of every key (0: no limit)."
+    ),
+    "tokens_per_day": Option(
+        "PARLOUR_TOKENS_PER_DAY", int, "Prompt and completion tokens per day of every key."
+    ),
+    "max_concurrent_per_owner": Option(
+        "PARLOUR_MAX_CONCURRENT_PER_OWNER", int, "Generations one owner may run at once."
+    ),
+    "max_queue": Option(
+        "PARLOUR_MAX_QUEUE", int, "Generations one process holds at once; beyond it, 503."
+    ),
+    "rate_limit_storage": Option(
+        "PARLOUR_RATE_LIMIT_STORAGE",
+        str,
+        "A `limits` storage URI for the counters (e.g. redis://host:6379).",
+        "memory on SQLite, the database on PostgreSQL",
     ),
 }

@@ -56,7 +56,7 @@ async def auth_app(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://parlour.test") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             yield c
 
 

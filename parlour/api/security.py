@@ -13,6 +13,7 @@ from ..auth import Authenticator
 from ..errors import Unauthorized
 from .browser import local_refusal
 from .errors import error_response
+from .health import HEALTH_PATHS
 from .schema import declare_guard_statuses
 
 HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
@@ -30,7 +31,7 @@ def public_paths(app: FastAPI) -> frozenset[str]:
     whatever app.state.public_paths adds (the chat page and its files)."""
     docs = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
     extra: frozenset[str] = getattr(app.state, "public_paths", frozenset())
-    return frozenset({"/health", *(p for p in docs if p), *extra})
+    return frozenset({*HEALTH_PATHS, *(p for p in docs if p), *extra})
 
 
 class AuthMiddleware:

@@ -103,6 +103,13 @@ class GracefulServer(uvicorn.Server):
 def serve(app: FastAPI, *, host: str, port: int, log_level: str) -> None:
     """Serve `app` in this process until SIGINT or SIGTERM."""
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        # parlour's own logging (parlour.ops.logs) writes the access log and the format.
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
     )
     GracefulServer(config, app).run()

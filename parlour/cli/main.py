@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ import click
 
 from ..settings import Settings
 from .admin import bot, data_options, kb, run_on_db, setting
+from .limits import key_limit_options, key_update, metrics_multiprocess_env
 from .models import model
 
 T = TypeVar("T")
@@ -45,16 +45,19 @@ def _model_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @_model_options
 @setting("insecure")
 @setting("workers", type=click.IntRange(min=1))
-@click.option("--log-level", default="info", show_default=True, help="Logging level.")
-def serve(log_level: str, **options: Any) -> None:
+@setting("log_level")
+@setting("log_format", type=click.Choice(["text", "json"]))
+def serve(**options: Any) -> None:
     """Start the HTTP server."""
     import uvicorn
 
     from ..app import create_app, freeze_startup_objects
+    from ..ops.logs import configure
 
     settings = _settings(**options)
     _check_auth(settings)
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    configure(level=settings.log_level, log_format=settings.log_format)
+    log_level = settings.log_level.lower()
     if settings.workers > 1:
         if settings.resolved_database_url.startswith("sqlite"):
             raise click.ClickException(
@@ -63,13 +66,17 @@ def serve(log_level: str, **options: Any) -> None:
             )
         # Each worker process rebuilds the same settings from the environment.
         os.environ.update(settings.to_env())
+        if settings.metrics:
+            os.environ.update(metrics_multiprocess_env(settings.data_dir))
         uvicorn.run(
             "parlour.app:app_from_env",
             factory=True,
             workers=settings.workers,
             host=settings.host,
             port=settings.port,
-            log_level=log_level.lower(),
+            log_level=log_level,
+            log_config=None,
+            access_log=False,
             timeout_graceful_shutdown=5,
         )
         return
@@ -77,7 +84,7 @@ def serve(log_level: str, **options: Any) -> None:
 
     app = create_app(settings)
     freeze_startup_objects()
-    serve_app(app, host=settings.host, port=settings.port, log_level=log_level.lower())
+    serve_app(app, host=settings.host, port=settings.port, log_level=log_level)
 
 
 def _check_auth(settings: Settings) -> None:
@@ -106,15 +113,21 @@ def key() -> None:
 @key.command("create")
 @click.option("--owner", required=True, help="The owner whose conversations the key reaches.")
 @click.option("--admin", is_flag=True, help="Also allow the admin API under /admin/.")
+@key_limit_options
 @data_options
-def key_create(owner: str, admin: bool, **options: Any) -> None:
+def key_create(owner: str, admin: bool, rpm: int | None, tpd: int | None, **options: Any) -> None:
     """Create a key and print it; it is shown only this once."""
     from ..auth import create_key
 
     owner = owner.strip()
     if not owner or len(owner) > 255:
         raise click.BadParameter("give a name of 1 to 255 characters", param_hint="--owner")
-    new = run_on_db(_settings(**options), lambda db: create_key(db, owner=owner, admin=admin))
+    new = run_on_db(
+        _settings(**options),
+        lambda db: create_key(
+            db, owner=owner, admin=admin, requests_per_minute=rpm, tokens_per_day=tpd
+        ),
+    )
     click.echo(new.secret)
     kind = "admin key" if admin else "key"
     click.echo(
@@ -235,6 +248,7 @@ def chat(session_key: str | None, bot_ref: str | None, **options: Any) -> None:
         click.echo("", err=True)
 
 
+key.add_command(key_update)
 main.add_command(bot)
 main.add_command(kb)
 main.add_command(model)

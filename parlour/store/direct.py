@@ -12,6 +12,7 @@ other write (see sqlite.py). On PostgreSQL the same statements run through SQLAl
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -92,13 +93,24 @@ class _Compiled:
 class Direct:
     """A transaction on one of the pool's sqlite3 connections."""
 
-    def __init__(self, connection: sqlite3.Connection, dialect: Dialect) -> None:
+    def __init__(
+        self,
+        connection: sqlite3.Connection,
+        dialect: Dialect,
+        timed: Callable[[float], None] | None = None,
+    ) -> None:
         self.connection = connection
         self.dialect = dialect
+        self.timed = timed
 
     def run(self, prepared: Prepared, parameters: Mapping[str, Any]) -> list[Any]:
         """Run a prepared statement now; its rows as converted tuples."""
-        return prepared.for_sqlite(self.dialect).run(self.connection, parameters)
+        if self.timed is None:
+            return prepared.for_sqlite(self.dialect).run(self.connection, parameters)
+        began = time.perf_counter()
+        rows = prepared.for_sqlite(self.dialect).run(self.connection, parameters)
+        self.timed(time.perf_counter() - began)
+        return rows
 
 
 class DirectPool:
@@ -117,6 +129,8 @@ class DirectPool:
         self.gate = gate
         self.setup = setup
         self._idle: list[sqlite3.Connection] = []
+        #: Told how long each statement took (parlour.ops.metrics sets it).
+        self.timed: Callable[[float], None] | None = None
 
     def _open(self) -> sqlite3.Connection:
         # timeout=0: a busy database is retried asynchronously, never waited for in place.
@@ -141,7 +155,7 @@ class DirectPool:
             try:
                 await retry_busy(partial(connection.execute, BEGIN_WRITE if write else "BEGIN"))
                 try:
-                    yield Direct(connection, self.dialect)
+                    yield Direct(connection, self.dialect, self.timed)
                 except BaseException:
                     connection.rollback()
                     reusable = True

@@ -4,6 +4,7 @@ Database.begin() connection for the statements every turn runs."""
 from __future__ import annotations
 
 import functools
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
     from ..backends.base import ChatMessage
 
 LOCAL_OWNER = "local"
+#: Key of a pooled connection's `info` holding a callable told each run() statement's
+#: seconds (parlour.ops.metrics sets it; on a SQLite file, DirectPool.timed does the same).
+STATEMENT_TIMER = "parlour_statement_timer"
 
 # The hot path of a turn uses Core statements on a connection, built once: an ORM
 # session costs several times more per statement than the statement itself.
@@ -62,8 +66,13 @@ async def run(
     """Run a prepared statement in a Database.begin() transaction; its rows as tuples."""
     if isinstance(conn, Direct):
         return conn.run(prepared, parameters)
+    timed = conn.info.get(STATEMENT_TIMER)
+    began = time.perf_counter()
     result = await conn.execute(prepared.statement, parameters)
-    return result.all() if result.returns_rows else []
+    rows = result.all() if result.returns_rows else []
+    if timed is not None:
+        timed(time.perf_counter() - began)
+    return rows
 
 
 async def ensure_owner(session: AsyncSession, name: str) -> Owner:

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -122,6 +123,9 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    #: This key's own limits; None follows the server's settings, 0 means unlimited.
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tokens_per_day: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class KnowledgeBase(Base):
@@ -267,3 +271,15 @@ class ConversationMetadata(Base):
         Uuid, ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
     )
     data: Mapped[dict[str, str]] = mapped_column(JSON)
+
+
+class RateLimitCounter(Base):
+    """A counter of the `limits` fixed-window strategy (requests per minute, tokens per
+    day), shared by every process."""
+
+    __tablename__ = "rate_limit_counters"
+
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    hits: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: When the window ends, in seconds since the epoch (the database's clock).
+    expires_at: Mapped[float] = mapped_column(Float)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..models import ModelRegistry
+from ..ops.observe import Observer
 from ..store.db import Database
 from .history import MAX_CHARS, HistoryCache
 from .locks import turn_locks
@@ -40,3 +41,5 @@ class Core:
         self.history = HistoryCache(max_chars=history_chars)
         self.sessions = Sessions(db=db, models=models)
         self.running: set[Running] = set()
+        #: Told about every generation (parlour.ops.metrics and the token meter set one).
+        self.observer: Observer = Observer()

@@ -55,6 +55,7 @@ class Turn:
         self._interruptible = True
         #: The name of the model that answers, once the turn has its plan.
         self.model: str | None = None
+        self._watch = engine.observer.watch()
         self._task = asyncio.create_task(self._run())
         engine.running.add(self)
         self._task.add_done_callback(lambda _task: engine.running.discard(self))
@@ -120,10 +121,12 @@ class Turn:
         self._output.set()
 
     def _finish(self, result: TurnResult) -> None:
+        self._watch.done(self.model)
         self._result.set_result(result)
         self._emit(None)
 
     def _fail(self, error: ParlourError) -> None:
+        self._watch.done(self.model)
         self._error = error
         for future in (self._started, self._result):
             if not future.done():
@@ -195,8 +198,10 @@ class Turn:
             else:
                 conversation_id = await engine.sessions.conversation_id(request, fresh=attempt > 0)
             self._interruptible = True
+            asked = time.perf_counter()
             try:
                 async with engine.locks.hold(conversation_id):
+                    self._watch.lock_waited(time.perf_counter() - asked)
                     self._interruptible = False
                     await self._locked_turn(conversation_id)
                 return
@@ -245,11 +250,14 @@ class Turn:
         completion_tokens = cached_tokens = 0
         began = time.perf_counter()
         self._interruptible = True
+        self._watch.generating()
         generation = backend.stream(messages, params, session=session)
         try:
             self._check_cancel()
             async for chunk in generation:
                 if chunk.text:
+                    if not pieces:
+                        self._watch.first_token()
                     pieces.append(chunk.text)
                     self._emit(chunk.text)
                 if chunk.finish_reason is not None:
@@ -274,7 +282,7 @@ class Turn:
         text = "".join(pieces)
         if finish in ("cancelled", "error"):
             completion_tokens = backend.count_tokens(text)
-        return Generated(
+        generated = Generated(
             text=text,
             finish_reason=finish,
             prompt_tokens=prompt_tokens,
@@ -282,3 +290,5 @@ class Turn:
             cached_tokens=cached_tokens,
             elapsed_ms=int((time.perf_counter() - began) * 1000),
         )
+        self._watch.generated(generated)
+        return generated

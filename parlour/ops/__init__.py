@@ -1,0 +1,1 @@
+"""Operations: request logs, Prometheus metrics, rate limits and admission."""
