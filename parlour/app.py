@@ -46,52 +46,62 @@ from .turns.engine import Engine
 log = logging.getLogger(__name__)
 
 
+async def open_state(app: FastAPI, settings: Settings, models: ModelRegistry | None) -> Engine:
+    """Open the store, the models and the engine, and put them on app.state."""
+    private_dir(settings.data_dir)
+    db = Database(settings.resolved_database_url)
+    await db.migrate()
+    registry = models or registry_for(settings)
+    engine = Engine(
+        db=db,
+        models=registry,
+        max_message_chars=settings.max_message_chars,
+        history_chars=settings.history_cache_mb * 2**20,
+    )
+    engine.observer = TokenMeter()
+    metrics: Metrics | None = app.state.metrics
+    if metrics is not None:
+        engine.observer = Observers(metrics, engine.observer)
+        metrics.models = registry
+        metrics.watch_database(db)
+    app.state.limiter = RateLimiter(settings=settings, storage=open_storage(settings, db))
+    owner_id = await engine.owner_id(LOCAL_OWNER)
+    app.state.settings = settings
+    app.state.db = db
+    app.state.models = registry
+    app.state.engine = engine
+    hub = EventHub(db.url, is_sqlite=db.is_sqlite)
+    await hub.start()
+    app.state.hub = hub
+    app.state.responses = ResponseRunner(engine=engine, db=db, hub=hub)
+    app.state.local_principal = Principal(owner_id=owner_id, name=LOCAL_OWNER, admin=True)
+    app.state.auth = Authenticator.from_settings(settings, db=db, local=app.state.local_principal)
+    registry.start_loading()
+    return engine
+
+
+async def close_state(app: FastAPI) -> None:
+    """Stop running turns (keeping their partial replies) and close what open_state opened."""
+    await app.state.responses.close()
+    await app.state.hub.close()
+    await app.state.engine.close()
+    await app.state.limiter.close()
+    await app.state.models.close()
+    await app.state.db.close()
+    if app.state.metrics is not None:
+        app.state.metrics.close()
+
+
 def create_app(settings: Settings, *, models: ModelRegistry | None = None) -> FastAPI:
     """Build the ASGI app; nothing is opened until its lifespan starts."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        private_dir(settings.data_dir)
-        db = Database(settings.resolved_database_url)
-        await db.migrate()
-        registry = models or registry_for(settings)
-        engine = Engine(
-            db=db,
-            models=registry,
-            max_message_chars=settings.max_message_chars,
-            history_chars=settings.history_cache_mb * 2**20,
-        )
-        engine.observer = TokenMeter()
-        metrics: Metrics | None = app.state.metrics
-        if metrics is not None:
-            engine.observer = Observers(metrics, engine.observer)
-            metrics.models = registry
-            metrics.watch_database(db)
-        app.state.limiter = RateLimiter(settings=settings, storage=open_storage(settings, db))
-        owner_id = await engine.owner_id(LOCAL_OWNER)
-        app.state.settings = settings
-        app.state.db = db
-        app.state.models = registry
-        app.state.engine = engine
-        hub = EventHub(db.url, is_sqlite=db.is_sqlite)
-        await hub.start()
-        app.state.responses = ResponseRunner(engine=engine, db=db, hub=hub)
-        app.state.local_principal = Principal(owner_id=owner_id, name=LOCAL_OWNER, admin=True)
-        app.state.auth = Authenticator.from_settings(
-            settings, db=db, local=app.state.local_principal
-        )
-        registry.start_loading()
+        await open_state(app, settings, models)
         try:
             yield
         finally:
-            await app.state.responses.close()
-            await hub.close()
-            await engine.close()
-            await app.state.limiter.close()
-            await registry.close()
-            await db.close()
-            if metrics is not None:
-                metrics.close()
+            await close_state(app)
 
     app = FastAPI(
         title="parlour",

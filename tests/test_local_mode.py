@@ -12,7 +12,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from parlour.auth import JwtVerifier, create_key
+from parlour.auth import create_key
+from parlour.tokens import JwtVerifier
 from parlour.backends.state_store import StateStore
 from parlour.settings import Settings
 from tests.conftest import running_app

@@ -243,11 +243,7 @@ async def delete_conversation(
     conversation_id: ConversationId, engine: EngineDep, principal: PrincipalDep
 ) -> Response:
     """Delete a conversation; a reply being written to it finishes first."""
-    async with (
-        engine.locks.hold(conversation_id),
-        engine.db.session() as session,
-        session.begin(),
-    ):
+    async with engine.editing(conversation_id) as session:
         row = await _owned(session, principal.owner_id, conversation_id)
         await queries.delete_conversation(session, row)
     return Response(status_code=204)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -16,10 +16,9 @@ from ..store import responses as store
 from ..store.tables import Conversation, Message
 from ..turns.engine import Engine
 from ..turns.request import DEFAULT_TITLE
-from .body import read_json
-from .deps import EngineDep, PrincipalDep, SettingsDep
+from .deps import EngineDep, PrincipalDep
 from .errors import DialectRouter
-from .openai_protocol import error_body, parse_body
+from .openai_protocol import error_body, json_body
 from .responses_protocol import (
     ERRORS,
     ConversationCreate,
@@ -117,10 +116,11 @@ async def _object(session: AsyncSession, conversation: Conversation) -> dict[str
     openapi_extra=json_request_body(ConversationCreate),
 )
 async def create_conversation(
-    request: Request, engine: EngineDep, settings: SettingsDep, principal: PrincipalDep
+    body: Annotated[ConversationCreate, json_body(ConversationCreate)],
+    engine: EngineDep,
+    principal: PrincipalDep,
 ) -> dict[str, Any]:
     """An ordinary parlour conversation of the owner, reachable here as `conv_<hex>`."""
-    body = parse_body(ConversationCreate, await read_json(request, settings.max_body_bytes))
     items = normalise_items(body.items, "items")
     async with engine.db.session() as session, session.begin():
         conversation = await queries.create_conversation(
@@ -151,14 +151,12 @@ async def get_conversation(
     openapi_extra=json_request_body(ConversationUpdate),
 )
 async def update_conversation(
+    body: Annotated[ConversationUpdate, json_body(ConversationUpdate)],
     conversation_id: str,
-    request: Request,
     engine: EngineDep,
-    settings: SettingsDep,
     principal: PrincipalDep,
 ) -> dict[str, Any]:
     """Replace the conversation's metadata."""
-    body = parse_body(ConversationUpdate, await read_json(request, settings.max_body_bytes))
     cid = conversation_uuid(conversation_id)
     async with engine.db.session() as session, session.begin():
         conversation = await owned_conversation(session, principal.owner_id, cid)
@@ -172,10 +170,9 @@ async def delete_conversation(
 ) -> dict[str, Any]:
     """Remove the conversation and its items."""
     cid = conversation_uuid(conversation_id)
-    async with engine.locks.hold(cid), engine.db.session() as session, session.begin():
+    async with engine.editing(cid) as session:
         conversation = await owned_conversation(session, principal.owner_id, cid)
         await queries.delete_conversation(session, conversation)
-    engine.history.drop(cid)
     return {"id": f"conv_{cid.hex}", "object": "conversation.deleted", "deleted": True}
 
 
@@ -185,17 +182,15 @@ async def delete_conversation(
     openapi_extra=json_request_body(ItemsCreate),
 )
 async def create_items(
+    body: Annotated[ItemsCreate, json_body(ItemsCreate)],
     conversation_id: str,
-    request: Request,
     engine: EngineDep,
-    settings: SettingsDep,
     principal: PrincipalDep,
 ) -> dict[str, Any]:
     """Append up to 20 message items."""
-    body = parse_body(ItemsCreate, await read_json(request, settings.max_body_bytes))
     items = normalise_items(body.items, "items")
     cid = conversation_uuid(conversation_id)
-    async with engine.locks.hold(cid), engine.db.session() as session, session.begin():
+    async with engine.editing(cid) as session:
         conversation = await owned_conversation(session, principal.owner_id, cid)
         added = await append_items(engine, session, conversation, items)
     return item_list(added, has_more=False)
@@ -240,7 +235,7 @@ async def delete_item(
 ) -> dict[str, Any]:
     """Remove one message; answers the conversation."""
     cid = conversation_uuid(conversation_id)
-    async with engine.locks.hold(cid), engine.db.session() as session, session.begin():
+    async with engine.editing(cid) as session:
         conversation = await owned_conversation(session, principal.owner_id, cid)
         await session.delete(await _item(session, cid, item_id))
         await session.flush()
@@ -256,5 +251,4 @@ async def delete_item(
                 .values(position=last + 1)
             )
         result = await _object(session, conversation)
-    engine.history.drop(cid)
     return result

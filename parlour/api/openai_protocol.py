@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
+from fastapi import Depends
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.requests import Request
 
 from ..errors import InvalidRequest, ParlourError
+from ..settings import Settings
+from .body import read_json
 from .wire import Int, Int64, Number, Text
 
 
@@ -205,3 +209,14 @@ def chunk(
     if usage is not None:
         body["usage"] = usage
     return body
+
+
+def json_body(model: type[W]) -> Any:
+    """A dependency that reads the request's JSON body (within the body limit) and
+    validates it as `model`, refusing it in OpenAI's error shape."""
+
+    async def read(request: Request) -> W:
+        settings: Settings = request.app.state.settings
+        return parse_body(model, await read_json(request, settings.max_body_bytes))
+
+    return Depends(read)

@@ -23,7 +23,6 @@ from ..turns.context import system_messages
 from ..turns.engine import Engine
 from ..turns.request import Messages, Sampling, Stored, TurnRequest
 from . import sse
-from .body import read_json
 from .conversations_openai import (
     append_items,
     conversation_uuid,
@@ -33,7 +32,7 @@ from .conversations_openai import (
 )
 from .deps import EngineDep, PrincipalDep, SettingsDep
 from .errors import DialectRouter
-from .openai_protocol import error_body, parse_body
+from .openai_protocol import error_body, json_body
 from .responses_protocol import (
     ERRORS,
     TERMINAL_EVENTS,
@@ -88,6 +87,22 @@ def chain_context(
     return tuple(system), tuple(m for m in messages if m.role != "system")
 
 
+async def _previous(
+    engine: Engine, owner_id: uuid.UUID, response_id: str | None
+) -> tuple[StoredResponse | None, list[StoredResponse]]:
+    """The response a new one continues and its whole chain, oldest first."""
+    if response_id is None:
+        return None, []
+    async with engine.db.read() as session, session.begin():
+        parent = await store.get_response(session, owner_id, response_id)
+        if parent is None:
+            raise PreviousResponseNotFound(
+                f"Previous response with id '{response_id}' not found.",
+                param="previous_response_id",
+            )
+        return parent, await store.chain(session, parent)
+
+
 async def build_draft(
     engine: Engine, owner_id: uuid.UUID, body: ResponseCreate, settings: Settings
 ) -> Draft:
@@ -96,17 +111,7 @@ async def build_draft(
     truncation = body.truncation or settings.responses_truncation
     rid = new_id("resp")
     echo = echo_fields(body, truncation=truncation)
-    parent: StoredResponse | None = None
-    links: list[StoredResponse] = []
-    if body.previous_response_id is not None:
-        async with engine.db.read() as session, session.begin():
-            parent = await store.get_response(session, owner_id, body.previous_response_id)
-            if parent is None:
-                raise PreviousResponseNotFound(
-                    f"Previous response with id '{body.previous_response_id}' not found.",
-                    param="previous_response_id",
-                )
-            links = await store.chain(session, parent)
+    parent, links = await _previous(engine, owner_id, body.previous_response_id)
     row = StoredResponse(
         id=rid,
         owner_id=owner_id,
@@ -169,7 +174,7 @@ async def conversation_draft(
             "With `conversation`, the input must end with a user message.", param="input"
         )
     cid = conversation_uuid(body.conversation_id or "")
-    async with engine.locks.hold(cid), engine.db.session() as session, session.begin():
+    async with engine.editing(cid) as session:
         conversation = await owned_conversation(session, row.owner_id, cid)
         await append_items(engine, session, conversation, items[:-1])
     row.conversation_id = cid
@@ -223,14 +228,13 @@ async def _followed(
     openapi_extra=json_request_body(ResponseCreate),
 )
 async def create_response(
-    request: Request,
+    body: Annotated[ResponseCreate, json_body(ResponseCreate)],
     engine: EngineDep,
     runner: RunnerDep,
     settings: SettingsDep,
     principal: PrincipalDep,
 ) -> Response:
     """OpenAI's POST /v1/responses."""
-    body = parse_body(ResponseCreate, await read_json(request, settings.max_body_bytes))
     body.check_supported()
     draft = await build_draft(engine, principal.owner_id, body, settings)
     if not body.store:
@@ -329,10 +333,12 @@ async def input_items(
     openapi_extra=json_request_body(ResponseCreate),
 )
 async def input_tokens(
-    request: Request, engine: EngineDep, settings: SettingsDep, principal: PrincipalDep
+    body: Annotated[ResponseCreate, json_body(ResponseCreate)],
+    engine: EngineDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
 ) -> dict[str, Any]:
     """The input's token count for the model, with its chain or conversation."""
-    body = parse_body(ResponseCreate, await read_json(request, settings.max_body_bytes))
     body.check_supported()
     backend = engine.models.ready_model(body.model).backend
     if body.conversation_id is not None:

@@ -136,84 +136,80 @@ class ConversationState(BaseModel):
     )
 
 
-def api_router() -> APIRouter:
-    """The few things the page needs that the public dialects do not offer."""
-    router = APIRouter(prefix="/ui/api/conversations", tags=["chat page"])
+#: The few things the page needs that the public dialects do not offer.
+api = APIRouter(prefix="/ui/api/conversations", tags=["chat page"])
 
-    @router.post("", status_code=201, operation_id="pageCreateConversation")
-    async def create(
-        body: PageConversationCreate, engine: EngineDep, models: ModelsDep, principal: PrincipalDep
-    ) -> ConversationPublic:
-        """Create a conversation with a bot and a system prompt."""
-        _check_model(models, body.model_tag)
-        async with engine.db.session() as session, session.begin():
-            bot = await load_bot(engine.db, BotRef(body.bot)) if body.bot else None
-            row = await queries.create_conversation(
-                session,
-                owner_id=principal.owner_id,
-                title=body.title,
-                model_tag=body.model_tag,
-                bot_id=bot.uid if bot else None,
-            )
-            row.system_prompt = body.system_prompt or None
-            await session.flush()
-            return ConversationPublic.model_validate(row)
 
-    @router.put("/{conversationId}/system-prompt", responses=NOT_FOUND)
-    async def set_system_prompt(
-        conversation_id: ConversationId,
-        body: SystemPrompt,
-        engine: EngineDep,
-        models: ModelsDep,
-        principal: PrincipalDep,
-    ) -> ConversationState:
-        """Set the conversation's own system prompt (a bot's prompt still comes first)."""
-        async with (
-            engine.locks.hold(conversation_id),
-            engine.db.session() as session,
-            session.begin(),
-        ):
-            row = await _owned(session, principal.owner_id, conversation_id)
-            row.system_prompt = body.system_prompt or None
-        return await get_state(conversation_id, engine, models, principal)
-
-    @router.get("/{conversationId}", responses=NOT_FOUND)
-    async def get_state(
-        conversation_id: ConversationId,
-        engine: EngineDep,
-        models: ModelsDep,
-        principal: PrincipalDep,
-    ) -> ConversationState:
-        """The system prompt, bot, context window and unfinished replies of a conversation."""
-        async with engine.db.read() as session, session.begin():
-            row = await _owned(session, principal.owner_id, conversation_id)
-            bot = await load_bot(engine.db, row.bot_id)
-            ended = await session.execute(
-                select(Message.id, Message.finish_reason).where(
-                    Message.conversation_id == row.id,
-                    Message.role == "assistant",
-                    func.coalesce(Message.finish_reason, "stop") != "stop",
-                )
-            )
-            unfinished = {str(mid): str(reason) for mid, reason in ended}
-        backend = models.get(bot.model if bot and bot.model else row.model_tag).backend
-        prompts = system_parts(bot, [row.system_prompt or ""], replaces=False)
-        return ConversationState(
-            id=row.id,
-            system_prompt=row.system_prompt or "",
-            bot=bot.name if bot else None,
-            context_length=backend.context_length,
-            system_tokens=(
-                backend.count_tokens("\n\n".join(prompts)) if prompts and backend.ready else 0
-            ),
-            unfinished=unfinished,
+@api.post("", status_code=201, operation_id="pageCreateConversation")
+async def create(
+    body: PageConversationCreate, engine: EngineDep, models: ModelsDep, principal: PrincipalDep
+) -> ConversationPublic:
+    """Create a conversation with a bot and a system prompt."""
+    _check_model(models, body.model_tag)
+    async with engine.db.session() as session, session.begin():
+        bot = await load_bot(engine.db, BotRef(body.bot)) if body.bot else None
+        row = await queries.create_conversation(
+            session,
+            owner_id=principal.owner_id,
+            title=body.title,
+            model_tag=body.model_tag,
+            bot_id=bot.uid if bot else None,
         )
+        row.system_prompt = body.system_prompt or None
+        await session.flush()
+        return ConversationPublic.model_validate(row)
 
-    return router
+
+@api.put("/{conversationId}/system-prompt", responses=NOT_FOUND)
+async def set_system_prompt(
+    conversation_id: ConversationId,
+    body: SystemPrompt,
+    engine: EngineDep,
+    models: ModelsDep,
+    principal: PrincipalDep,
+) -> ConversationState:
+    """Set the conversation's own system prompt (a bot's prompt still comes first)."""
+    async with engine.editing(conversation_id) as session:
+        row = await _owned(session, principal.owner_id, conversation_id)
+        row.system_prompt = body.system_prompt or None
+    return await get_state(conversation_id, engine, models, principal)
+
+
+@api.get("/{conversationId}", responses=NOT_FOUND)
+async def get_state(
+    conversation_id: ConversationId,
+    engine: EngineDep,
+    models: ModelsDep,
+    principal: PrincipalDep,
+) -> ConversationState:
+    """The system prompt, bot, context window and unfinished replies of a conversation."""
+    async with engine.db.read() as session, session.begin():
+        row = await _owned(session, principal.owner_id, conversation_id)
+        bot = await load_bot(engine.db, row.bot_id)
+        ended = await session.execute(
+            select(Message.id, Message.finish_reason).where(
+                Message.conversation_id == row.id,
+                Message.role == "assistant",
+                func.coalesce(Message.finish_reason, "stop") != "stop",
+            )
+        )
+        unfinished = {str(mid): str(reason) for mid, reason in ended}
+    backend = models.get(bot.model if bot and bot.model else row.model_tag).backend
+    prompts = system_parts(bot, [row.system_prompt or ""], replaces=False)
+    return ConversationState(
+        id=row.id,
+        system_prompt=row.system_prompt or "",
+        bot=bot.name if bot else None,
+        context_length=backend.context_length,
+        system_tokens=(
+            backend.count_tokens("\n\n".join(prompts)) if prompts and backend.ready else 0
+        ),
+        unfinished=unfinished,
+    )
 
 
 def install(app: FastAPI) -> None:
     """Serve the chat page and the offline reference; call before install_auth."""
     app.state.public_paths = public_paths()
-    app.include_router(api_router())
+    app.include_router(api)
     app.include_router(pages_router())

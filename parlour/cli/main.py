@@ -89,7 +89,8 @@ def serve(**options: Any) -> None:
 
 def _check_auth(settings: Settings) -> None:
     """Refuse an unusable JWT key, and a non-loopback address with no auth at all."""
-    from ..auth import JwtVerifier, active_keys_exist
+    from ..auth import active_keys_exist
+    from ..tokens import JwtVerifier
 
     try:
         verifier = JwtVerifier.from_settings(settings)
@@ -195,7 +196,7 @@ def key_revoke(ident: str, **options: Any) -> None:
 )
 def token(sub: str, ttl: int) -> None:
     """Print a JWT signed with PARLOUR_JWT_SECRET (for development and tests)."""
-    from ..auth import mint_token
+    from ..tokens import mint_token
 
     settings = Settings.from_env()
     if not settings.jwt_secret:

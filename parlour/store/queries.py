@@ -147,38 +147,25 @@ async def list_messages(
 
 
 async def append_message(
-    session: AsyncSession,
-    conversation: Conversation,
-    *,
-    role: str,
-    content: str,
-    token_count: int,
-    model_tag: str | None = None,
-    inference_time_ms: int | None = None,
-    finish_reason: str | None = None,
+    session: AsyncSession, conversation: Conversation, *, role: str, content: str, token_count: int
 ) -> Message:
-    """Add a message at the end of a conversation and touch its `updated_at`."""
+    """Add a message at the end of a conversation (the caller holds its turn lock) and touch
+    its `updated_at`, in the session's transaction."""
     last = await session.scalar(
         select(func.max(Message.position)).where(Message.conversation_id == conversation.id)
     )
+    conn = await session.connection()
     now = utcnow()
-    message = Message(
+    message = await insert_message(
+        conn,
         conversation_id=conversation.id,
         position=(last if last is not None else -1) + 1,
         role=role,
         content=content,
         token_count=token_count,
-        model_tag=model_tag,
-        inference_time_ms=inference_time_ms,
-        finish_reason=finish_reason,
-        created_at=now,
+        now=now,
     )
-    session.add(message)
-    await session.execute(
-        update(Conversation).where(Conversation.id == conversation.id).values(updated_at=now)
-    )
-    conversation.updated_at = now
-    await session.flush()
+    await touch_conversation(conn, conversation, now)
     return message
 
 

@@ -7,8 +7,8 @@ from typing import Protocol
 from ..models import ModelRegistry
 from ..ops.observe import Observer
 from ..store.db import Database
+from .file_locks import turn_locks
 from .history import MAX_CHARS, HistoryCache
-from .locks import turn_locks
 from .sessions import Sessions
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..bounds import check_messages
 from ..store import queries
@@ -34,6 +38,16 @@ class Engine(Core):
     ) -> Conversation:
         """The conversation bound to a session key (created on first use), bound to `bot`."""
         return await self.sessions.conversation(owner_id, session_key, bot=bot)
+
+    @asynccontextmanager
+    async def editing(self, conversation_id: uuid.UUID) -> AsyncIterator[AsyncSession]:
+        """A write session for changing a conversation outside a turn (items, prompt,
+        deletion): it waits for the conversation's running turn, and this process forgets
+        the history it remembered of it."""
+        async with self.locks.hold(conversation_id), self.db.session() as session:
+            async with session.begin():
+                yield session
+            self.history.drop(conversation_id)
 
     async def reset_session(self, *, owner_id: uuid.UUID, session_key: str) -> None:
         """Unbind a session key so the next message starts a fresh conversation."""

@@ -17,8 +17,10 @@ from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+
 from ..files import FILE_MODE, private_dir
-from .locks import KeyedLocks
+from .locks import AdvisoryLocks, KeyedLocks
 
 #: Lock files per database: conversations that share one merely wait for each other.
 SLOTS = 1024
@@ -73,3 +75,17 @@ async def _lock(fd: int) -> None:
         except BlockingIOError:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
+
+
+TurnLocks = KeyedLocks | AdvisoryLocks | FileLocks
+
+
+def turn_locks(url: str, *, is_sqlite: bool) -> TurnLocks:
+    """File locks for a SQLite file (other processes may share it), in-process locks for an
+    in-memory SQLite, advisory locks for PostgreSQL."""
+    if not is_sqlite:
+        return AdvisoryLocks(url)
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        return KeyedLocks()
+    return FileLocks(lock_directory(Path(database)))

@@ -6,15 +6,9 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Hashable
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
 
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-
-if TYPE_CHECKING:
-    from .file_locks import FileLocks
 
 
 class KeyedLocks:
@@ -86,19 +80,3 @@ class AdvisoryLocks:
     async def close(self) -> None:
         """Close the lock connections."""
         await self.engine.dispose()
-
-
-TurnLocks: TypeAlias = "KeyedLocks | AdvisoryLocks | FileLocks"
-
-
-def turn_locks(url: str, *, is_sqlite: bool) -> TurnLocks:
-    """File locks for a SQLite file (other processes may share it), in-process locks for an
-    in-memory SQLite, advisory locks for PostgreSQL."""
-    if not is_sqlite:
-        return AdvisoryLocks(url)
-    from .file_locks import FileLocks, lock_directory
-
-    database = make_url(url).database
-    if not database or database == ":memory:":
-        return KeyedLocks()
-    return FileLocks(lock_directory(Path(database)))

@@ -47,17 +47,25 @@ def _changes(request: TurnRequest, conversation: Conversation) -> dict[str, str]
     return changes
 
 
+async def _conversation(
+    conn: TransactionConnection, request: TurnRequest, conversation_id: Any
+) -> tuple[Conversation, int | None]:
+    """The conversation a turn continues and its last position, still bound to the session
+    key the turn named (else SessionMoved: the caller looks the key up again)."""
+    found = await queries.conversation_for_turn(conn, request.owner_id, conversation_id)
+    target = request.target
+    if isinstance(target, Session) and (found is None or found[0].session_key != target.key):
+        raise SessionMoved("The session moved to another conversation; try again.")
+    if found is None:
+        raise NotFound("Conversation not found")
+    return found
+
+
 async def open_turn(engine: Core, request: TurnRequest, conversation_id: Any) -> Opened:
     """Check the conversation, settle the plan and store the user message (under the lock)."""
     # Core statements on one connection per transaction: this runs for every message.
     async with engine.db.begin() as conn:
-        found = await queries.conversation_for_turn(conn, request.owner_id, conversation_id)
-        target = request.target
-        if isinstance(target, Session) and (found is None or found[0].session_key != target.key):
-            raise SessionMoved("The session moved to another conversation; try again.")
-        if found is None:
-            raise NotFound("Conversation not found")
-        conversation, last_position = found
+        conversation, last_position = await _conversation(conn, request, conversation_id)
         bot = await load_bot(engine.db, conversation.bot_id)
         plan = await tokenising(
             len(request.new.content),
