@@ -7,7 +7,7 @@ import hmac
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -91,17 +91,9 @@ def key_prefix(token: str) -> str | None:
 
 
 def _info(key: ApiKey, owner: str) -> KeyInfo:
-    return KeyInfo(
-        id=key.id,
-        owner=owner,
-        prefix=key.prefix,
-        admin=key.admin,
-        created_at=key.created_at,
-        last_used_at=key.last_used_at,
-        revoked_at=key.revoked_at,
-        requests_per_minute=key.requests_per_minute,
-        tokens_per_day=key.tokens_per_day,
-    )
+    # Every field but the owner's name is the key's column of the same name.
+    columns = {f.name: getattr(key, f.name) for f in fields(KeyInfo) if f.name != "owner"}
+    return KeyInfo(owner=owner, **columns)
 
 
 async def create_key(

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from .errors import Conflict, InvalidRequest, NotFound
 from .knowledge import index as knowledge
-from .store.tables import Bot, KnowledgeBase, utcnow
+from .store.tables import Bot, KnowledgeBase, iso_utc, utcnow
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
@@ -43,20 +43,12 @@ class BotView:
     def as_dict(self) -> dict[str, Any]:
         """Every field of the bot, as the admin API and `parlour bot show --json` print it."""
         bot = self.bot
+        values = {name: self.kb if name == "kb" else getattr(bot, name) for name in FIELDS}
         return {
             "uid": str(bot.uid),
-            "slug": bot.slug,
-            "name": bot.name,
-            "description": bot.description,
-            "system_prompt": bot.system_prompt,
-            "model": bot.model,
-            "temperature": bot.temperature,
-            "max_tokens": bot.max_tokens,
-            "enable_l0_retrieval": bot.enable_l0_retrieval,
-            "kb": self.kb,
-            "welcome_message": bot.welcome_message,
-            "created_at": bot.created_at.isoformat().replace("+00:00", "Z"),
-            "updated_at": bot.updated_at.isoformat().replace("+00:00", "Z"),
+            **values,
+            "created_at": iso_utc(bot.created_at),
+            "updated_at": iso_utc(bot.updated_at),
         }
 
 

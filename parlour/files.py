@@ -45,3 +45,14 @@ def open_private(path: Path) -> BinaryIO:
     """`path` opened for writing from the start, created 600 if new."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     return os.fdopen(fd, "wb")
+
+
+def process_alive(pid: int) -> bool:
+    """True while process `pid` runs: files named after a dead one are leftovers."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True

@@ -13,9 +13,9 @@ import pytest
 from fastapi import FastAPI
 
 from parlour.auth import create_key
-from parlour.tokens import JwtVerifier
 from parlour.backends.state_store import StateStore
 from parlour.settings import Settings
+from parlour.tokens import JwtVerifier
 from tests.conftest import running_app
 
 ATTACKER = "attacker.example:8900"

@@ -22,7 +22,7 @@ from .. import bots, usage
 from ..errors import InvalidRequest
 from ..knowledge import index as knowledge
 from ..knowledge.documents import SourceDocument, open_document
-from ..store.tables import KbDocument
+from ..store.tables import KbDocument, iso_utc
 from .body import too_large
 from .deps import AdminDep, EngineDep, ReadSession, WriteSession
 from .wire import Int, Number, Text
@@ -97,10 +97,6 @@ class KbUpdate(BaseModel):
     description: Text | None = None
 
 
-def _time(value: Any) -> str:
-    return str(value.isoformat().replace("+00:00", "Z"))
-
-
 def kb_dict(summary: knowledge.KbSummary) -> dict[str, Any]:
     """A knowledge base as the admin API shows it."""
     kb = summary.kb
@@ -110,8 +106,8 @@ def kb_dict(summary: knowledge.KbSummary) -> dict[str, Any]:
         "description": kb.description,
         "document_count": summary.documents,
         "chunk_count": summary.chunks,
-        "created_at": _time(kb.created_at),
-        "updated_at": _time(kb.updated_at),
+        "created_at": iso_utc(kb.created_at),
+        "updated_at": iso_utc(kb.updated_at),
     }
 
 
@@ -123,8 +119,8 @@ def document_dict(document: KbDocument) -> dict[str, Any]:
         "sha256": document.sha256,
         "size": document.size,
         "chunks": document.chunk_count,
-        "created_at": _time(document.created_at),
-        "updated_at": _time(document.updated_at),
+        "created_at": iso_utc(document.created_at),
+        "updated_at": iso_utc(document.updated_at),
     }
 
 

@@ -58,7 +58,7 @@ def turn_request(owner_id: Any, body: BotChatRequest) -> TurnRequest:
         if message.role == "system":
             system.append(message.content)
         else:
-            history.append(ChatMessage(message.role, message.content))  # type: ignore[arg-type]
+            history.append(message)
     if body.prompt is not None:
         history.append(ChatMessage("user", body.prompt))
     if not history:

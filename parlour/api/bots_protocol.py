@@ -11,8 +11,9 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+from ..backends.base import ChatMessage, Role
 from ..errors import BodyInvalid, BodyUnreadable
 from ..store.tables import Bot
 from .wire import MAX_INT, TEXT_ERROR, is_text
@@ -26,14 +27,6 @@ _FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
 
 
 @dataclass(frozen=True)
-class ChatMessageIn:
-    """One message of `messages`."""
-
-    role: str
-    content: str
-
-
-@dataclass(frozen=True)
 class BotChatRequest:
     """A validated POST /chat body."""
 
@@ -41,7 +34,7 @@ class BotChatRequest:
     bot_uid: str | None = None
     bot_slug: str | None = None
     prompt: str | None = None
-    messages: tuple[ChatMessageIn, ...] | None = None
+    messages: tuple[ChatMessage, ...] | None = None
     user_id: str | None = None
     language: str | None = None
     max_words: int | None = None
@@ -123,10 +116,10 @@ def to_positive_int(value: Any) -> int:
     return number
 
 
-def to_role(value: Any) -> str:
+def to_role(value: Any) -> Role:
     """`Literal["system", "user", "assistant"]`."""
     if isinstance(value, str) and value in ROLES:
-        return value
+        return cast(Role, value)
     permitted = ", ".join(repr(r) for r in ROLES)
     raise _Invalid(
         f"unexpected value; permitted: {permitted}",
@@ -184,20 +177,20 @@ class _Nested(Exception):
     """A nested value failed; its errors are already recorded."""
 
 
-def _message(value: Any, loc: Loc, errors: list[ErrorDict]) -> ChatMessageIn:
+def _message(value: Any, loc: Loc, errors: list[ErrorDict]) -> ChatMessage:
     data = _as_dict(value)
     fields = _Fields(data, loc, errors)
     fields.field("role", to_role, required=True)
     fields.field("content", to_str, required=True)
     if len(fields.values) < 2:
         raise _Nested
-    return ChatMessageIn(role=fields.values["role"], content=fields.values["content"])
+    return ChatMessage(fields.values["role"], fields.values["content"])
 
 
-def _messages(value: Any, loc: Loc, errors: list[ErrorDict]) -> tuple[ChatMessageIn, ...]:
+def _messages(value: Any, loc: Loc, errors: list[ErrorDict]) -> tuple[ChatMessage, ...]:
     if not isinstance(value, list):
         raise _Invalid("value is not a valid list", "type_error.list")
-    items: list[ChatMessageIn] = []
+    items: list[ChatMessage] = []
     failed = False
     for index, item in enumerate(value):
         item_loc = (*loc, index)

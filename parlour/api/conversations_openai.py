@@ -31,9 +31,12 @@ from .responses_protocol import (
     message_item,
     normalise_items,
 )
-from .schema import json_request_body
 
 router = DialectRouter(tags=["responses"], render_error=error_body, responses=ERRORS)
+
+ConversationCreateBody = Annotated[ConversationCreate, json_body(ConversationCreate)]
+ConversationUpdateBody = Annotated[ConversationUpdate, json_body(ConversationUpdate)]
+ItemsCreateBody = Annotated[ItemsCreate, json_body(ItemsCreate)]
 
 
 def conversation_uuid(value: str) -> uuid.UUID:
@@ -110,15 +113,9 @@ async def _object(session: AsyncSession, conversation: Conversation) -> dict[str
     return conversation_object(conversation.id, conversation.created_at.timestamp(), metadata)
 
 
-@router.post(
-    "/v1/conversations",
-    summary="Create a conversation, optionally with items.",
-    openapi_extra=json_request_body(ConversationCreate),
-)
+@router.post("/v1/conversations", summary="Create a conversation, optionally with items.")
 async def create_conversation(
-    body: Annotated[ConversationCreate, json_body(ConversationCreate)],
-    engine: EngineDep,
-    principal: PrincipalDep,
+    body: ConversationCreateBody, engine: EngineDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     """An ordinary parlour conversation of the owner, reachable here as `conv_<hex>`."""
     items = normalise_items(body.items, "items")
@@ -145,16 +142,9 @@ async def get_conversation(
         return await _object(session, await owned_conversation(session, principal.owner_id, cid))
 
 
-@router.post(
-    "/v1/conversations/{conversation_id}",
-    summary="Update a conversation's metadata.",
-    openapi_extra=json_request_body(ConversationUpdate),
-)
+@router.post("/v1/conversations/{conversation_id}", summary="Update a conversation's metadata.")
 async def update_conversation(
-    body: Annotated[ConversationUpdate, json_body(ConversationUpdate)],
-    conversation_id: str,
-    engine: EngineDep,
-    principal: PrincipalDep,
+    body: ConversationUpdateBody, conversation_id: str, engine: EngineDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     """Replace the conversation's metadata."""
     cid = conversation_uuid(conversation_id)
@@ -176,16 +166,9 @@ async def delete_conversation(
     return {"id": f"conv_{cid.hex}", "object": "conversation.deleted", "deleted": True}
 
 
-@router.post(
-    "/v1/conversations/{conversation_id}/items",
-    summary="Add items to a conversation.",
-    openapi_extra=json_request_body(ItemsCreate),
-)
+@router.post("/v1/conversations/{conversation_id}/items", summary="Add items to a conversation.")
 async def create_items(
-    body: Annotated[ItemsCreate, json_body(ItemsCreate)],
-    conversation_id: str,
-    engine: EngineDep,
-    principal: PrincipalDep,
+    body: ItemsCreateBody, conversation_id: str, engine: EngineDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     """Append up to 20 message items."""
     items = normalise_items(body.items, "items")

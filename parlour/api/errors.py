@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -15,6 +16,7 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from ..errors import ParlourError, Unauthorized
+from .schema import BodyDependency, json_request_body
 from .wire import encodable
 
 #: Keys of a validation error that repeat what the client sent.
@@ -35,6 +37,18 @@ class DialectRouter(APIRouter):
     def __init__(self, *, render_error: Renderer, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.render_error = render_error
+
+    def add_api_route(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        """Add a route; one that takes a BodyDependency documents its JSON body."""
+        super().add_api_route(path, endpoint, **kwargs)
+        route = self.routes[-1]
+        assert isinstance(route, APIRoute)
+        pending = list(route.dependant.dependencies)
+        while pending and route.openapi_extra is None:
+            dependency = pending.pop()
+            if isinstance(dependency.call, BodyDependency):
+                route.openapi_extra = json_request_body(dependency.call.model)
+            pending.extend(dependency.dependencies)
 
     def serves(self, scope: Scope) -> bool:
         """True if one of this router's routes serves the request (or refuses its method)."""

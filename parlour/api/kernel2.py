@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
@@ -17,12 +14,12 @@ from .. import __version__
 from ..backends.base import ChatMessage
 from ..errors import BotNotFound, InvalidRequest, ParlourError
 from ..turns.request import BotRef, Messages, Sampling, TurnRequest
-from ..turns.stream import Turn
 from . import sse
 from .body import read_json
+from .chat_stream import chunk_events, completion_of
 from .deps import EngineDep, PrincipalDep, SettingsDep
 from .errors import DialectRouter
-from .openai_protocol import ContentPart, Wire, completion
+from .openai_protocol import ContentPart, Wire
 from .openai_protocol import chunk as openai_chunk
 from .schema import json_request_body
 from .wire import Int, Number, Text
@@ -156,59 +153,6 @@ def chunk(*, model: str, **fields: Any) -> dict[str, Any]:
     return {**openai_chunk(model=model, **fields), "system_fingerprint": fingerprint(model)}
 
 
-async def _next(iterator: AsyncIterator[str]) -> str:
-    return await anext(iterator)
-
-
-async def with_heartbeat(stream: Turn, interval: float) -> AsyncIterator[str | None]:
-    """The stream's deltas, with None each time `interval` seconds pass without one."""
-    iterator = aiter(stream)
-    pending: asyncio.Task[str] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.create_task(_next(iterator))
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield None
-                continue
-            task, pending = pending, None
-            try:
-                yield task.result()
-            except StopAsyncIteration:
-                return
-    finally:
-        if pending is not None:
-            pending.cancel()
-
-
-def _events(interval: float) -> Callable[[Turn], AsyncIterator[str]]:
-    async def events(turn: Turn) -> AsyncIterator[str]:
-        cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), turn.model or ""
-        yield sse.event(
-            chunk(id=cid, created=created, model=model, delta={"role": "assistant", "content": ""})
-        )
-        try:
-            async for delta in with_heartbeat(turn, interval):
-                if delta is None:
-                    yield ": heartbeat\n\n"
-                else:
-                    yield sse.event(
-                        chunk(id=cid, created=created, model=model, delta={"content": delta})
-                    )
-            result = await turn.result()
-        except ParlourError as exc:
-            yield sse.event(error_body(exc))
-            yield sse.DONE
-            return
-        yield sse.event(
-            chunk(id=cid, created=created, model=model, finish_reason=result.finish_reason)
-        )
-        yield sse.DONE
-
-    return events
-
-
 @router.post(
     f"{PREFIX}/chat",
     summary="Second Me chat: stateless, OpenAI-compatible, streaming by default.",
@@ -231,18 +175,10 @@ async def chat(
     body = parse_request(await read_json(request, settings.max_body_bytes))
     turn = engine.start(turn_request(principal.owner_id, body))
     if body.stream is not False:
-        return await sse.stream(
-            turn, _events(settings.heartbeat_seconds), wait_for_output=False, closing=CLOSING
+        events = chunk_events(
+            chunk=chunk, render_error=error_body, heartbeat=settings.heartbeat_seconds
         )
+        return await sse.stream(turn, events, wait_for_output=False, closing=CLOSING)
     async with turn:
         result = await turn.finish()
-    reply = completion(
-        id=f"chatcmpl-{uuid.uuid4().hex}",
-        created=int(time.time()),
-        model=result.model,
-        content=result.text,
-        finish_reason=result.finish_reason,
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-    )
-    return JSONResponse({**reply, "system_fingerprint": fingerprint(result.model)})
+    return JSONResponse({**completion_of(result), "system_fingerprint": fingerprint(result.model)})

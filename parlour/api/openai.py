@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Header
@@ -12,10 +11,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..backends.base import ChatMessage, Role
-from ..errors import InvalidRequest, ParlourError
+from ..errors import InvalidRequest
 from ..turns.request import Sampling, Session, TurnRequest
 from ..turns.stream import Turn
 from . import sse
+from .chat_stream import chunk_events, completion_id, completion_of
 from .deps import EngineDep, ModelsDep, PrincipalDep, SettingsDep
 from .errors import DialectRouter
 from .openai_protocol import (
@@ -106,7 +106,7 @@ def _sampling(body: ChatCompletionRequest) -> Sampling:
 
 
 def _command_reply(body: ChatCompletionRequest, model: str, text: str) -> Response:
-    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    cid, created = completion_id(), int(time.time())
     if not body.stream:
         return JSONResponse(
             completion(
@@ -139,54 +139,10 @@ def _command_reply(body: ChatCompletionRequest, model: str, text: str) -> Respon
 CLOSING = sse.ending(error_body)
 
 
-def _events(body: ChatCompletionRequest) -> Callable[[Turn], AsyncIterator[str]]:
-    async def events(turn: Turn) -> AsyncIterator[str]:
-        cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), turn.model or ""
-        yield sse.event(
-            chunk(id=cid, created=created, model=model, delta={"role": "assistant", "content": ""})
-        )
-        try:
-            async for delta in turn:
-                yield sse.event(
-                    chunk(id=cid, created=created, model=model, delta={"content": delta})
-                )
-        except ParlourError as exc:
-            yield sse.event(error_body(exc))
-            yield sse.DONE
-            return
-        result = await turn.result()
-        yield sse.event(
-            chunk(id=cid, created=created, model=model, finish_reason=result.finish_reason)
-        )
-        if body.include_usage:
-            yield sse.event(
-                chunk(
-                    id=cid,
-                    created=created,
-                    model=model,
-                    usage=usage(result.prompt_tokens, result.completion_tokens),
-                    with_choice=False,
-                )
-            )
-        yield sse.DONE
-
-    return events
-
-
 async def _complete(turn: Turn) -> Response:
     async with turn:
         result = await turn.finish()
-    return JSONResponse(
-        completion(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
-            created=int(time.time()),
-            model=result.model,
-            content=result.text,
-            finish_reason=result.finish_reason,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-        )
-    )
+    return JSONResponse(completion_of(result))
 
 
 @router.post(
@@ -244,7 +200,10 @@ async def chat_completions(
 
 async def _respond(turn: Turn, body: ChatCompletionRequest) -> Response:
     if body.stream:
-        return await sse.stream(turn, _events(body), closing=CLOSING)
+        events = chunk_events(
+            chunk=chunk, render_error=error_body, include_usage=body.include_usage
+        )
+        return await sse.stream(turn, events, closing=CLOSING)
     return await _complete(turn)
 
 

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from ..errors import InvalidRequest, ParlourError
 from ..settings import Settings
 from .body import read_json
+from .schema import BodyDependency
 from .wire import Int, Int64, Number, Text
 
 
@@ -211,12 +212,15 @@ def chunk(
     return body
 
 
-def json_body(model: type[W]) -> Any:
-    """A dependency that reads the request's JSON body (within the body limit) and
-    validates it as `model`, refusing it in OpenAI's error shape."""
+class JsonBody(BodyDependency[W]):
+    """Reads the request's JSON body (within the body limit) and validates it as the model,
+    refusing it in OpenAI's error shape."""
 
-    async def read(request: Request) -> W:
+    async def __call__(self, request: Request) -> W:
         settings: Settings = request.app.state.settings
-        return parse_body(model, await read_json(request, settings.max_body_bytes))
+        return parse_body(self.model, await read_json(request, settings.max_body_bytes))
 
-    return Depends(read)
+
+def json_body(model: type[W]) -> Any:
+    """A dependency that reads and validates a JSON body of `model` (see JsonBody)."""
+    return Depends(JsonBody(model))

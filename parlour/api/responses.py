@@ -45,7 +45,6 @@ from .responses_protocol import (
     response_object,
 )
 from .responses_run import Draft, ResponseRunner, produce
-from .schema import json_request_body
 
 router = DialectRouter(tags=["responses"], render_error=error_body, responses=ERRORS)
 
@@ -69,6 +68,17 @@ async def get_runner(request: Request) -> ResponseRunner:
 
 
 RunnerDep = Annotated[ResponseRunner, Depends(get_runner)]
+
+
+async def supported_body(
+    body: Annotated[ResponseCreate, json_body(ResponseCreate)],
+) -> ResponseCreate:
+    """The request's body, refused if it asks for what is not implemented yet."""
+    body.check_supported()
+    return body
+
+
+ResponseBody = Annotated[ResponseCreate, Depends(supported_body)]
 
 
 def chain_context(
@@ -225,17 +235,15 @@ async def _followed(
 @router.post(
     "/v1/responses",
     summary="Create a response: a turn continuing a response chain or a conversation.",
-    openapi_extra=json_request_body(ResponseCreate),
 )
 async def create_response(
-    body: Annotated[ResponseCreate, json_body(ResponseCreate)],
+    body: ResponseBody,
     engine: EngineDep,
     runner: RunnerDep,
     settings: SettingsDep,
     principal: PrincipalDep,
 ) -> Response:
     """OpenAI's POST /v1/responses."""
-    body.check_supported()
     draft = await build_draft(engine, principal.owner_id, body, settings)
     if not body.store:
         return await _unstored(runner, draft, body.stream)
@@ -327,19 +335,11 @@ async def input_items(
     return list_page(row.input, request.query_params, default_order="desc")
 
 
-@router.post(
-    "/v1/responses/input_tokens",
-    summary="Count the input tokens a response would use.",
-    openapi_extra=json_request_body(ResponseCreate),
-)
+@router.post("/v1/responses/input_tokens", summary="Count the input tokens a response would use.")
 async def input_tokens(
-    body: Annotated[ResponseCreate, json_body(ResponseCreate)],
-    engine: EngineDep,
-    settings: SettingsDep,
-    principal: PrincipalDep,
+    body: ResponseBody, engine: EngineDep, settings: SettingsDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     """The input's token count for the model, with its chain or conversation."""
-    body.check_supported()
     backend = engine.models.ready_model(body.model).backend
     if body.conversation_id is not None:
         cid = conversation_uuid(body.conversation_id)

@@ -178,19 +178,7 @@ class ResponseRunner:
         (read back too, in case the notification did not reach this process)."""
         async with self.db.session() as session, session.begin():
             await store.append_events(session, row.id, batch)
-            await store.update_response(
-                session,
-                row.id,
-                status=row.status,
-                model=row.model,
-                output_text=row.output_text,
-                input_tokens=row.input_tokens,
-                output_tokens=row.output_tokens,
-                cached_tokens=row.cached_tokens,
-                incomplete_reason=row.incomplete_reason,
-                error=row.error,
-                completed_at=row.completed_at,
-            )
+            await store.save_progress(session, row)
             cancel = await session.scalar(
                 select(StoredResponse.cancel_requested).where(StoredResponse.id == row.id)
             )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
 DEFS_PREFIX = "#/$defs/"
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -43,6 +45,14 @@ def json_request_body(model: type[BaseModel]) -> dict[str, Any]:
             "content": {"application/json": {"schema": inline_schema(model)}},
         }
     }
+
+
+class BodyDependency(Generic[M]):
+    """A dependency that reads a JSON body of `model` itself (to render its errors in the
+    dialect's shape); a DialectRouter documents that body on each route that takes one."""
+
+    def __init__(self, model: type[M]) -> None:
+        self.model = model
 
 
 #: Statuses the app's guards may answer on any guarded operation, before its route runs.

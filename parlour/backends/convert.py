@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from ..files import process_alive
+
 log = logging.getLogger(__name__)
 
 #: Target weight types: (llama_ftype, type of the token embedding / tied output matrix,
@@ -89,21 +91,11 @@ def _remove_leftovers(cache_dir: Path, source: Path, weights: str, *, keep: Path
     stale = [old for old in cache_dir.glob(f"{source.stem}.{weights}.*.gguf") if old != keep]
     for temp in cache_dir.glob(f".{source.stem}.*.tmp"):
         pid = temp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             stale.append(temp)
     for path in stale:
         with suppress(OSError):  # e.g. still open by another process on Windows
             path.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextmanager

@@ -68,33 +68,32 @@ class Slot:
     last_used: float = 0.0
 
 
-class Request:
-    """One generation as the scheduler tracks it."""
+def _utf8_decoder() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def __init__(
-        self,
-        *,
-        prompt: list[int],
-        params: GenerationParams,
-        session: str | None,
-        emit: Emit,
-        limit: int,
-    ) -> None:
-        self.prompt = prompt
-        self.params = params
-        self.session = session
-        self.emit = emit
-        self.limit = limit
-        self.cancelled = threading.Event()
-        self.pending: list[int] = []
-        self.last_token: int | None = None
-        self.produced = 0
-        #: Prompt tokens taken from the session's state instead of evaluated.
-        self.reused = 0
-        self.sampler: Any = None
-        self.slot: Slot | None = None
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.scanner = StopScanner(params.stop)
+
+@dataclass(eq=False, kw_only=True)
+class Request:
+    """One generation as the scheduler tracks it: what was asked, then how far it got."""
+
+    prompt: list[int]
+    params: GenerationParams
+    session: str | None
+    emit: Emit
+    limit: int
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    pending: list[int] = field(default_factory=list)
+    last_token: int | None = None
+    produced: int = 0
+    #: Prompt tokens taken from the session's state instead of evaluated.
+    reused: int = 0
+    sampler: Any = None
+    slot: Slot | None = None
+    decoder: codecs.IncrementalDecoder = field(default_factory=_utf8_decoder)
+    scanner: StopScanner = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scanner = StopScanner(self.params.stop)
 
 
 @dataclass(frozen=True)

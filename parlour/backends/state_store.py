@@ -10,17 +10,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..files import open_private, private_dir
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from ..files import open_private, private_dir, process_alive
 
 
 class StateStore:
@@ -39,7 +29,7 @@ class StateStore:
             # Saved states belong to this process's context: each process keeps its own
             # folder, and folders of processes that are gone are removed.
             for other in directory.glob("*") if directory.is_dir() else []:
-                if other.name.isdigit() and not _alive(int(other.name)):
+                if other.name.isdigit() and not process_alive(int(other.name)):
                     shutil.rmtree(other, ignore_errors=True)
             self.directory = directory / str(os.getpid())
             shutil.rmtree(self.directory, ignore_errors=True)

@@ -6,7 +6,8 @@ import asyncio
 import json
 import sys
 import textwrap
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,6 +44,15 @@ def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return setting("data_dir")(setting("database_url")(command))
 
 
+@contextmanager
+def core_errors() -> Iterator[None]:
+    """A core error raised inside ends the command with its message (exit status 1)."""
+    try:
+        yield
+    except ParlourError as exc:
+        raise click.ClickException(exc.message) from None
+
+
 def run_on_db(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
     """Run `work` on the migrated database that `serve` would use with these settings."""
 
@@ -63,10 +73,8 @@ def with_db(options: dict[str, Any], work: Callable[[Database], Awaitable[T]]) -
     settings = Settings.from_env(
         data_dir=options.get("data_dir"), database_url=options.get("database_url")
     )
-    try:
+    with core_errors():
         return run_on_db(settings, work)
-    except ParlourError as exc:
-        raise click.ClickException(exc.message) from None
 
 
 def in_session(options: dict[str, Any], work: Callable[[AsyncSession], Awaitable[T]]) -> T:
@@ -261,10 +269,8 @@ def kb_add(name: str, files: tuple[Path, ...], description: str | None, **option
         length=total, label=f"Reading {len(sources)} file(s)", file=sys.stderr
     ) as bar:
         for source in sources:
-            try:
+            with core_errors():
                 source.load(on_page=lambda: bar.update(1))
-            except ParlourError as exc:
-                raise click.ClickException(exc.message) from None
 
     async def work(db: Database) -> list[knowledge.AddResult]:
         async with db.session() as session, session.begin():

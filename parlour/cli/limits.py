@@ -14,22 +14,23 @@ from ..settings import Settings
 from .admin import data_options, run_on_db
 
 
+def _limit_option(flag: str, what: str, setting: str) -> Callable[[Any], Any]:
+    return click.option(
+        flag,
+        type=click.IntRange(min=0),
+        default=None,
+        help=f"{what} for this key [{setting}]; 0 is unlimited.",
+    )
+
+
 def key_limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--rpm and --tpd: a key's own limits (0: unlimited; unset: the server's settings)."""
-    command = click.option(
-        "--tpd",
-        type=click.IntRange(min=0),
-        default=None,
-        help="Tokens per day (prompt + completion, UTC days) for this key "
-        "[PARLOUR_TOKENS_PER_DAY]; 0 is unlimited.",
-    )(command)
-    return click.option(
-        "--rpm",
-        type=click.IntRange(min=0),
-        default=None,
-        help="Generation requests per minute for this key [PARLOUR_REQUESTS_PER_MINUTE]; 0 is "
-        "unlimited.",
-    )(command)
+    tpd = _limit_option(
+        "--tpd", "Tokens per day (prompt + completion, UTC days)", "PARLOUR_TOKENS_PER_DAY"
+    )
+    rpm = _limit_option("--rpm", "Generation requests per minute", "PARLOUR_REQUESTS_PER_MINUTE")
+    result: Callable[..., Any] = rpm(tpd(command))
+    return result
 
 
 @click.command("update")

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from .. import pulled
-from ..errors import ParlourError
 from ..settings import Settings
+from .admin import core_errors
 
 
 def _models_dir(data_dir: Path | None) -> Path:
@@ -45,9 +45,8 @@ def model_pull(ref: str, data_dir: Path | None) -> None:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        found = pulled.pull(_models_dir(data_dir), ref)
-    except ParlourError as exc:
-        raise click.ClickException(exc.message) from None
+        with core_errors():
+            found = pulled.pull(_models_dir(data_dir), ref)
     except LocalEntryNotFoundError as exc:
         raise click.ClickException(
             f"Could not download {ref}: {exc}. Check the network, or unset HF_HUB_OFFLINE."
@@ -96,8 +95,6 @@ def model_list(data_dir: Path | None) -> None:
 @_data_dir
 def model_remove(name: str, data_dir: Path | None) -> None:
     """Delete a pulled model (by name or OWNER/REPO/FILE.gguf)."""
-    try:
+    with core_errors():
         removed = pulled.remove(_models_dir(data_dir), name)
-    except ParlourError as exc:
-        raise click.ClickException(exc.message) from None
     click.echo(f"Removed {removed.ref}.", err=True)

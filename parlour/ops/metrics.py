@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -37,6 +37,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
 STATEMENT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+#: How a gauge's values from several processes are combined.
+GaugeMode = Literal["all", "livesum"]
 #: Where sessions' prompt state lives: a slot of the model's context, RAM or disk.
 PLACES = ("slot", "ram", "disk")
 
@@ -52,123 +54,110 @@ class Metrics(Observer):
         #: This process's generations running and waiting now (what the gauges hold).
         self.now_running = 0
         self.now_queued = 0
-        r = self.registry
-        self.requests = Counter(
+        self.requests = self._counter(
             "parlour_http_requests",
             "HTTP requests answered, by route template, dialect and status.",
-            ["route", "method", "dialect", "status"],
-            registry=r,
+            "route",
+            "method",
+            "dialect",
+            "status",
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = self._histogram(
             "parlour_http_request_duration_seconds",
             "Seconds from a request's arrival to the end of its response (streams included).",
-            ["route", "dialect"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
+            "route",
+            "dialect",
         )
-        self._turn_metrics(r)
-        self.statement_seconds = Histogram(
+        self._turn_metrics()
+        self.statement_seconds = self._histogram(
             "parlour_db_statement_duration_seconds",
             "Seconds each statement of a turn's database transactions took.",
-            buckets=STATEMENT_BUCKETS,
-            registry=r,
+            STATEMENT_BUCKETS,
         )
-        self.limited = Counter(
-            "parlour_rate_limited",
-            "Requests refused with 429, by the limit they hit.",
-            ["limit"],
-            registry=r,
+        self.limited = self._counter(
+            "parlour_rate_limited", "Requests refused with 429, by the limit they hit.", "limit"
         )
-        self.rejected = Counter(
-            "parlour_admission_rejected",
-            "Generations refused with 503 because the queue was full.",
-            registry=r,
+        self.rejected = self._counter(
+            "parlour_admission_rejected", "Generations refused with 503 because the queue was full."
         )
-        self._state_gauges(r)
+        self._state_gauges()
 
-    def _turn_metrics(self, r: CollectorRegistry) -> None:
-        self.first_token = Histogram(
+    def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
+        return Counter(name, documentation, labels, registry=self.registry)
+
+    def _histogram(
+        self, name: str, documentation: str, buckets: tuple[float, ...], *labels: str
+    ) -> Histogram:
+        return Histogram(name, documentation, labels, buckets=buckets, registry=self.registry)
+
+    def _gauge(self, name: str, documentation: str, *labels: str, mode: GaugeMode = "all") -> Gauge:
+        return Gauge(name, documentation, labels, registry=self.registry, multiprocess_mode=mode)
+
+    def _turn_metrics(self) -> None:
+        self.first_token = self._histogram(
             "parlour_time_to_first_token_seconds",
             "Seconds from the start of a generation to its first text.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
+            "model",
         )
-        self.turn_seconds = Histogram(
+        self.turn_seconds = self._histogram(
             "parlour_turn_duration_seconds",
             "Seconds from the start of a generation (lock wait included) to its end.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
+            "model",
         )
-        self.generations = Counter(
+        self.generations = self._counter(
             "parlour_generations",
             "Generations ended, by model and finish reason.",
-            ["model", "finish_reason"],
-            registry=r,
+            "model",
+            "finish_reason",
         )
-        self.prompt_evaluated = Counter(
-            "parlour_prompt_tokens_evaluated",
-            "Prompt tokens the model evaluated.",
-            ["model"],
-            registry=r,
+        self.prompt_evaluated = self._counter(
+            "parlour_prompt_tokens_evaluated", "Prompt tokens the model evaluated.", "model"
         )
-        self.prompt_reused = Counter(
+        self.prompt_reused = self._counter(
             "parlour_prompt_tokens_reused",
             "Prompt tokens not evaluated because the session's saved state held them.",
-            ["model"],
-            registry=r,
+            "model",
         )
-        self.completion_tokens = Counter(
-            "parlour_completion_tokens", "Tokens generated.", ["model"], registry=r
+        self.completion_tokens = self._counter(
+            "parlour_completion_tokens", "Tokens generated.", "model"
         )
-        self.running = Gauge(
-            "parlour_generations_running",
-            "Generations the backend is working on.",
-            registry=r,
-            multiprocess_mode="livesum",
+        # Live processes' values added up: a dead worker's generations are not running.
+        self.running = self._gauge(
+            "parlour_generations_running", "Generations the backend is working on.", mode="livesum"
         )
-        self.queued = Gauge(
+        self.queued = self._gauge(
             "parlour_generations_queued",
             "Generations accepted but not yet generating (waiting for a lock or the model).",
-            registry=r,
-            multiprocess_mode="livesum",
+            mode="livesum",
         )
-        self.lock_wait = Histogram(
+        self.lock_wait = self._histogram(
             "parlour_turn_lock_wait_seconds",
             "Seconds a turn waited for its conversation's lock.",
-            buckets=WAIT_BUCKETS,
-            registry=r,
+            WAIT_BUCKETS,
         )
 
-    def _state_gauges(self, r: CollectorRegistry) -> None:
-        self.model_ready = Gauge(
-            "parlour_model_ready",
-            "1 when the model is loaded and can generate.",
-            ["model"],
-            registry=r,
-            multiprocess_mode="all",
+    def _state_gauges(self) -> None:
+        # State, not events: each process reports its own, kept per process ("all").
+        self.model_ready = self._gauge(
+            "parlour_model_ready", "1 when the model is loaded and can generate.", "model"
         )
-        self.model_failed = Gauge(
-            "parlour_model_failed",
-            "1 when loading the model failed.",
-            ["model"],
-            registry=r,
-            multiprocess_mode="all",
+        self.model_failed = self._gauge(
+            "parlour_model_failed", "1 when loading the model failed.", "model"
         )
-        self.sessions = Gauge(
+        self.sessions = self._gauge(
             "parlour_sessions_resident",
             "Sessions whose prompt state is kept, by where: a context slot, RAM or disk.",
-            ["model", "where"],
-            registry=r,
-            multiprocess_mode="all",
+            "model",
+            "where",
         )
-        self.session_bytes = Gauge(
+        self.session_bytes = self._gauge(
             "parlour_session_state_bytes",
             "Bytes of saved session state, in RAM and on disk.",
-            ["model", "where"],
-            registry=r,
-            multiprocess_mode="all",
+            "model",
+            "where",
         )
 
     @classmethod

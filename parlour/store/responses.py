@@ -56,6 +56,25 @@ async def update_response(session: AsyncSession, response_id: str, **values: Any
     )
 
 
+#: The columns a running response changes; written with each batch of its events.
+PROGRESS = (
+    "status",
+    "model",
+    "output_text",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "incomplete_reason",
+    "error",
+    "completed_at",
+)
+
+
+async def save_progress(session: AsyncSession, row: StoredResponse) -> None:
+    """Write a running response's PROGRESS columns as the row in memory holds them."""
+    await update_response(session, row.id, **{name: getattr(row, name) for name in PROGRESS})
+
+
 async def append_events(
     session: AsyncSession, response_id: str, events: Sequence[dict[str, Any]]
 ) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .. import usage
@@ -16,7 +16,7 @@ from ..store.tables import Conversation, Message, utcnow
 from .context import HistoryItem
 from .core import Core
 from .plan import Plan, load_bot, retrieve, settle
-from .request import DEFAULT_TITLE, Generated, Session, TurnRequest, TurnResult
+from .request import DEFAULT_TITLE, Generated, Reply, Session, TurnRequest, TurnResult
 
 TITLE_LENGTH = 80
 
@@ -189,12 +189,5 @@ async def record_usage(
 
 def result(plan: Plan, generated: Generated, **stored: Any) -> TurnResult:
     """The turn's result from its plan and what was generated."""
-    return TurnResult(
-        model=plan.model.spec.name,
-        text=generated.text,
-        finish_reason=generated.finish_reason,
-        prompt_tokens=generated.prompt_tokens,
-        completion_tokens=generated.completion_tokens,
-        cached_tokens=generated.cached_tokens,
-        **stored,
-    )
+    reply = {f.name: getattr(generated, f.name) for f in fields(Reply)}
+    return TurnResult(model=plan.model.spec.name, **reply, **stored)

@@ -94,28 +94,29 @@ class TurnRequest:
     dialect: str | None = None
 
 
-@dataclass(frozen=True)
-class Generated:
-    """What the backend produced and how it ended."""
+@dataclass(frozen=True, kw_only=True)
+class Reply:
+    """A reply's text, how it ended and its token counts."""
 
     text: str
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Generated(Reply):
+    """What the backend produced, how it ended and how long it took."""
+
     elapsed_ms: int
 
 
-@dataclass(frozen=True)
-class TurnResult:
+@dataclass(frozen=True, kw_only=True)
+class TurnResult(Reply):
     """How a turn ended; the stored messages when it was persisted."""
 
     model: str
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
     knowledge: tuple[Hit, ...] = ()
     conversation: Conversation | None = None
     user_message: Message | None = None
