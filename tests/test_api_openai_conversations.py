@@ -165,3 +165,24 @@ async def test_background_stream_on_a_conversation_resumes_and_cancels(
     newest = items.data[0]
     assert newest.status == "incomplete"  # type: ignore[union-attr]
     assert text_of(newest) == cancelled.output_text
+
+
+async def test_a_deleted_item_leaves_the_context_of_later_turns(
+    sdk: openai.AsyncOpenAI, scripted: ScriptedBackend
+) -> None:
+    conversation = await sdk.conversations.create(
+        items=[
+            {"type": "message", "role": "user", "content": "secret one"},
+            {"type": "message", "role": "user", "content": "keep two"},
+        ]
+    )
+    # A turn first, so this process remembers the conversation's history.
+    await sdk.responses.create(input="third", conversation=conversation.id)
+    assert "secret one" in [m.content for m in scripted.calls[-1].messages]
+    items = await sdk.conversations.items.list(conversation.id, order="asc")
+    secret = next(str(i.id) for i in items.data if text_of(i) == "secret one")
+    await sdk.conversations.items.delete(secret, conversation_id=conversation.id)
+    await sdk.responses.create(input="fourth", conversation=conversation.id)
+    seen = [m.content for m in scripted.calls[-1].messages]
+    assert "secret one" not in seen
+    assert seen[0] == "keep two" and seen[-1] == "fourth"

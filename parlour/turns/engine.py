@@ -42,12 +42,14 @@ class Engine(Core):
     @asynccontextmanager
     async def editing(self, conversation_id: uuid.UUID) -> AsyncIterator[AsyncSession]:
         """A write session for changing a conversation outside a turn (items, prompt,
-        deletion): it waits for the conversation's running turn, and this process forgets
-        the history it remembered of it."""
-        async with self.locks.hold(conversation_id), self.db.session() as session:
-            async with session.begin():
-                yield session
-            self.history.drop(conversation_id)
+        deletion) that waits for the conversation's running turn. Remembered histories need
+        no care: they are checked against the last position, which such a change moves."""
+        async with (
+            self.locks.hold(conversation_id),
+            self.db.session() as session,
+            session.begin(),
+        ):
+            yield session
 
     async def reset_session(self, *, owner_id: uuid.UUID, session_key: str) -> None:
         """Unbind a session key so the next message starts a fresh conversation."""
