@@ -24,7 +24,7 @@ from .api import (
 from .api.body import install_body_limit
 from .api.browser import install_cors
 from .api.errors import install_error_handlers
-from .api.middleware import GuardMiddleware, RequestContextMiddleware
+from .api.middleware import RequestContextMiddleware
 from .api.responses_run import ResponseRunner
 from .api.security import install_auth
 from .api.shutdown import install_shutdown
@@ -36,7 +36,7 @@ from .models import ModelRegistry
 from .ops.logs import configure as configure_logging
 from .ops.metrics import Metrics
 from .ops.observe import Observers
-from .ops.ratelimit import Admission, RateLimiter, TokenMeter, open_storage
+from .ops.ratelimit import Admission, RateLimiter, RequestMeter, open_storage
 from .settings import Settings
 from .store.db import Database
 from .store.notify import EventHub
@@ -58,7 +58,7 @@ async def open_state(app: FastAPI, settings: Settings, models: ModelRegistry | N
         max_message_chars=settings.max_message_chars,
         history_chars=settings.history_cache_mb * 2**20,
     )
-    engine.observer = TokenMeter()
+    engine.observer = RequestMeter()
     metrics: Metrics | None = app.state.metrics
     if metrics is not None:
         engine.observer = Observers(metrics, engine.observer)
@@ -145,9 +145,9 @@ def install_guards(app: FastAPI, settings: Settings) -> None:
     app.state.admission = Admission(
         max_queue=settings.max_queue, max_per_owner=settings.max_concurrent_per_owner
     )
-    # Middleware added first runs innermost: limits see the principal auth resolved, and
-    # the request id wraps everything, refusals of the outer guards included.
-    app.add_middleware(GuardMiddleware, admission=app.state.admission, metrics=metrics)
+    # Middleware added first runs innermost; the request id wraps everything, refusals
+    # of the outer guards included. Limits run inside the routes (guard.install), after
+    # auth has resolved the principal.
     install_auth(app)
     install_body_limit(app, settings)
     install_url_text(app)

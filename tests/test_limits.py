@@ -406,3 +406,34 @@ async def test_counters_can_live_in_redis(settings: Settings) -> None:
     assert [r.headers["x-ratelimit-remaining-requests"] for r in replies] == ["1", "0", "0"]
     tokens = [int(r.headers["x-ratelimit-remaining-tokens"]) for r in replies[:2]]
     assert tokens[0] == 10**6 and tokens[1] < tokens[0]
+
+
+async def test_a_background_response_holds_its_slot_and_counts_its_tokens(
+    settings: Settings,
+) -> None:
+    async with serving(settings, max_queue=1, tokens_per_day=10_000) as app, http(app) as client:
+        backend = app.state.models.default.backend
+        assert isinstance(backend, ScriptedBackend)
+        backend.token_delay = 0.05
+        admission = app.state.admission
+        started = await client.post(
+            "/v1/responses", json={"input": "write in the background", "background": True}
+        )
+        assert started.status_code == 200, started.text
+        response_id = started.json()["id"]
+        # The response is sent; its generation goes on and keeps the one slot.
+        assert admission.in_flight == 1
+        refused = await slow_turn(client, "meanwhile")
+        status = "queued"
+        for _ in range(400):
+            polled = await client.get(f"/v1/responses/{response_id}")
+            status = polled.json()["status"]
+            if status not in ("queued", "in_progress"):
+                break
+            await asyncio.sleep(0.05)
+        await until(lambda: admission.in_flight == 0)
+        models = await client.get("/v1/models")
+    assert refused.status_code == 503
+    assert status == "completed"
+    usage = polled.json()["usage"]["total_tokens"]
+    assert int(models.headers["x-ratelimit-remaining-tokens"]) == 10_000 - usage

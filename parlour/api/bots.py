@@ -19,6 +19,7 @@ from .body import off_loop, read_body
 from .bots_protocol import BotChatRequest, parse, public
 from .deps import EngineDep, ModelsDep, PrincipalDep, ReadSession, SettingsDep
 from .errors import DialectRouter, encodable_errors
+from .guard import generation
 
 
 def error_body(error: ParlourError) -> Any:
@@ -124,6 +125,7 @@ CHAT_SCHEMA: dict[str, Any] = {
 }
 
 
+@generation
 async def chat(
     request: Request,
     engine: EngineDep,

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import Path, Query
 from fastapi.exceptions import RequestValidationError
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -22,6 +22,7 @@ from ..turns.request import Sampling, Stored, TurnRequest, TurnResult
 from ..turns.stream import Turn
 from . import sse
 from .deps import EngineDep, ModelsDep, PrincipalDep, ReadSession, WriteSession
+from .guard import GuardedRouter, generation
 from .wire import MAX_INT, Int, Number, Text
 
 MAX_TITLE = 255
@@ -126,7 +127,7 @@ STREAM_DESCRIPTION = (
     "message as JSON."
 )
 
-router = APIRouter(
+router = GuardedRouter(
     prefix="/conversations",
     tags=["conversations"],
     responses={401: {"model": ErrorDetail, "description": "Missing or invalid bearer token."}},
@@ -308,6 +309,7 @@ def _closing(error: ParlourError) -> list[str]:
         },
     ),
 )
+@generation
 async def post_message(
     conversation_id: ConversationId,
     body: MessageCreate,

@@ -32,7 +32,9 @@ from .responses_protocol import (
     normalise_items,
 )
 
-router = DialectRouter(tags=["responses"], render_error=error_body, responses=ERRORS)
+router = DialectRouter(
+    limit_headers=True, tags=["responses"], render_error=error_body, responses=ERRORS
+)
 
 ConversationCreateBody = Annotated[ConversationCreate, json_body(ConversationCreate)]
 ConversationUpdateBody = Annotated[ConversationUpdate, json_body(ConversationUpdate)]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -15,7 +16,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 from starlette.types import Scope
 
-from ..errors import ParlourError, Unauthorized
+from ..errors import Overloaded, ParlourError, RateLimited, Unauthorized
+from .guard import GuardedRouter
 from .schema import BodyDependency, json_request_body
 from .wire import encodable
 
@@ -31,7 +33,7 @@ def detail_body(error: ParlourError) -> Any:
     return {"detail": error.message}
 
 
-class DialectRouter(APIRouter):
+class DialectRouter(GuardedRouter):
     """A dialect's routes, with the way that dialect writes errors."""
 
     def __init__(self, *, render_error: Renderer, **kwargs: Any) -> None:
@@ -70,6 +72,8 @@ def error_response(
     extra = dict(headers or {})
     if isinstance(error, Unauthorized):
         extra["WWW-Authenticate"] = "Bearer"
+    if isinstance(error, RateLimited | Overloaded):
+        extra["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     return JSONResponse(render(error), status_code=error.status, headers=extra or None)
 
 

@@ -19,6 +19,7 @@ from .body import read_json
 from .chat_stream import chunk_events, completion_of
 from .deps import EngineDep, PrincipalDep, SettingsDep
 from .errors import DialectRouter
+from .guard import generation
 from .openai_protocol import ContentPart, Wire
 from .openai_protocol import chunk as openai_chunk
 from .schema import json_request_body
@@ -168,6 +169,7 @@ def chunk(*, model: str, **fields: Any) -> dict[str, Any]:
         },
     ),
 )
+@generation
 async def chat(
     request: Request, engine: EngineDep, settings: SettingsDep, principal: PrincipalDep
 ) -> Response:

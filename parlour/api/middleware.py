@@ -1,23 +1,16 @@
-"""Request ids and the access log (outermost), and limits and admission (after auth)."""
+"""Request ids, the access log and request metrics: the outermost middleware."""
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 import uuid
-from typing import Any
 
-from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import Overloaded, ParlourError, RateLimited
 from ..ops.logs import RequestInfo, current_request
 from ..ops.metrics import Metrics
-from ..ops.ratelimit import Admission, RateLimiter, Standing, is_generation
-from .errors import error_response, renderer
-from .openai_protocol import error_body as openai_error
 
 access_log = logging.getLogger("parlour.access")
 
@@ -37,12 +30,6 @@ def request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
-def _tokens() -> int:
-    """Tokens the current request's generations used so far."""
-    info = current_request.get()
-    return info.tokens if info is not None else 0
-
-
 def _route(scope: Scope) -> tuple[str, str]:
     """The matched route's template and dialect (its first tag); unmatched paths share one."""
     route = scope.get("route")
@@ -54,8 +41,9 @@ def _route(scope: Scope) -> tuple[str, str]:
 
 
 class RequestContextMiddleware:
-    """Gives every request an id (echoed as x-request-id and set on its log lines), then
-    logs it with its latency and counts it in the metrics."""
+    """Gives every request an id (echoed as x-request-id and set on its log lines), adds
+    the headers a route's RequestWatch asks for and tells it when the request is over,
+    then logs the request with its latency and counts it in the metrics."""
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics | None) -> None:
         self.app = app
@@ -76,13 +64,17 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", header)]
+                extra = [(b"x-request-id", header)]
+                if info.watch is not None:
+                    extra += info.watch.response_headers()
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            if info.watch is not None:
+                info.watch.closed()
             self._record(scope, info, status, time.perf_counter() - began)
             current_request.reset(token)
 
@@ -101,89 +93,3 @@ class RequestContextMiddleware:
             latency_ms,
             extra={"path": info.path, "route": route, "status": status, "latency_ms": latency_ms},
         )
-
-
-def _speaks_openai(scope: Scope) -> bool:
-    """True for routes whose errors are OpenAI's: they carry x-ratelimit-* headers."""
-    return renderer(Request(scope)) is openai_error
-
-
-class GuardMiddleware:
-    """Applies per-key limits and admission to generations, and puts OpenAI's
-    x-ratelimit-* headers on every OpenAI-dialect response of a limited key."""
-
-    def __init__(self, app: ASGIApp, *, admission: Admission, metrics: Metrics | None) -> None:
-        self.app = app
-        self.admission = admission
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        principal = scope.get("state", {}).get("principal") if scope["type"] == "http" else None
-        if principal is None:
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        generation = is_generation(scope["method"], path)
-        speaks_openai = _speaks_openai(scope)
-        if not generation and not speaks_openai:
-            await self.app(scope, receive, send)
-            return
-        owner = principal.owner_id
-        try:
-            if generation:
-                self.admission.enter(owner)
-        except ParlourError as exc:
-            await self._refuse(scope, receive, send, exc, None)
-            return
-        limiter: RateLimiter = scope["app"].state.limiter
-        spent = not generation
-        try:
-            standing = await limiter.check(principal, consume=generation)
-            if standing.refusal is not None:
-                spent = True
-                await self._refuse(scope, receive, send, standing.refusal, standing)
-                return
-            extra = [(k.encode(), v.encode()) for k, v in standing.headers()]
-            if not speaks_openai:
-                extra = []
-
-            async def send_guarded(message: Message) -> None:
-                nonlocal spent
-                if message["type"] == "http.response.start" and extra:
-                    message["headers"] = [*message.get("headers", []), *extra]
-                elif not spent and not message.get("more_body", False):
-                    # Counted before the response ends, so the client's next request
-                    # (to this process) already sees these tokens.
-                    spent = True
-                    limiter.spend(principal, _tokens())
-                await send(message)
-
-            await self.app(scope, receive, send_guarded)
-        finally:
-            if generation:
-                self.admission.leave(owner)
-            if not spent:
-                limiter.spend(principal, _tokens())
-
-    async def _refuse(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        error: ParlourError,
-        standing: Standing | None,
-    ) -> None:
-        """Answer 429 or 503 in the dialect's shape with Retry-After (and the limits)."""
-        if self.metrics is not None:
-            if isinstance(error, Overloaded):
-                self.metrics.rejected.inc()
-            elif isinstance(error, RateLimited):
-                self.metrics.limited.labels(error.type).inc()
-        response = error_response(Request(scope, receive), error)
-        retry: Any = getattr(error, "retry_after", None)
-        if retry is not None:
-            response.headers["Retry-After"] = str(max(1, math.ceil(retry)))
-        if standing is not None and _speaks_openai(scope):
-            for name, value in standing.headers():
-                response.headers.append(name, value)
-        await response(scope, receive, send)

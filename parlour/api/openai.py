@@ -18,6 +18,7 @@ from . import sse
 from .chat_stream import chunk_events, completion_id, completion_of
 from .deps import EngineDep, ModelsDep, PrincipalDep, SettingsDep
 from .errors import DialectRouter
+from .guard import generation
 from .openai_protocol import (
     ChatCompletionRequest,
     RequestMessage,
@@ -29,7 +30,7 @@ from .openai_protocol import (
 from .openai_sessions import earlier_messages, read_session_request, stateless_request
 from .schema import json_request_body
 
-router = DialectRouter(tags=["openai"], render_error=error_body)
+router = DialectRouter(limit_headers=True, tags=["openai"], render_error=error_body)
 
 HELP_TEXT = (
     "Commands:\n"
@@ -159,6 +160,7 @@ async def _complete(turn: Turn) -> Response:
         },
     ),
 )
+@generation
 async def chat_completions(
     request: Request,
     engine: EngineDep,

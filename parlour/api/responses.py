@@ -32,6 +32,7 @@ from .conversations_openai import (
 )
 from .deps import EngineDep, PrincipalDep, SettingsDep
 from .errors import DialectRouter
+from .guard import generation
 from .openai_protocol import error_body, json_body
 from .responses_protocol import (
     ERRORS,
@@ -46,7 +47,9 @@ from .responses_protocol import (
 )
 from .responses_run import Draft, ResponseRunner, produce
 
-router = DialectRouter(tags=["responses"], render_error=error_body, responses=ERRORS)
+router = DialectRouter(
+    limit_headers=True, tags=["responses"], render_error=error_body, responses=ERRORS
+)
 
 
 def _closing(error: ParlourError) -> list[str]:
@@ -236,6 +239,7 @@ async def _followed(
     "/v1/responses",
     summary="Create a response: a turn continuing a response chain or a conversation.",
 )
+@generation
 async def create_response(
     body: ResponseBody,
     engine: EngineDep,

@@ -8,11 +8,36 @@ import sys
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 #: Attributes a record may carry beyond the standard ones; each becomes a JSON field.
 EXTRA_FIELDS = ("request_id", "method", "path", "route", "status", "owner_id", "latency_ms")
 TEXT_FORMAT = "%(levelname)s %(name)s [%(request_id)s]: %(message)s"
+
+
+class RequestWatch(Protocol):
+    """What a route follows of its request: headers for its response, the generations it
+    starts (which may outlive the response: a background response), and its end."""
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        """Headers the response gets."""
+        ...
+
+    def began(self) -> None:
+        """A generation of this request began."""
+        ...
+
+    def generated(self, tokens: int) -> None:
+        """A generation of this request used `tokens` (prompt and completion)."""
+        ...
+
+    def ended(self) -> None:
+        """A generation of this request ended, however it ended."""
+        ...
+
+    def closed(self) -> None:
+        """The request is over: its response was sent, or its client went away."""
+        ...
 
 
 @dataclass
@@ -23,8 +48,8 @@ class RequestInfo:
     method: str
     path: str
     state: dict[str, Any] = field(default_factory=dict)
-    #: Prompt and completion tokens of the generations this request ran.
-    tokens: int = 0
+    #: Set by a route that follows its request (the limits: api.guard).
+    watch: RequestWatch | None = None
 
     @property
     def owner_id(self) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -41,6 +41,19 @@ STATEMENT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 GaugeMode = Literal["all", "livesum"]
 #: Where sessions' prompt state lives: a slot of the model's context, RAM or disk.
 PLACES = ("slot", "ram", "disk")
+#: Label values whose metrics are kept at hand before that cache starts over.
+KEPT_LABELS = 1024
+
+
+class ModelMetrics(NamedTuple):
+    """One model's labelled turn metrics (prometheus_client's labels() costs a lookup
+    under a lock on every call)."""
+
+    turn_seconds: Any
+    first_token: Any
+    prompt_evaluated: Any
+    prompt_reused: Any
+    completion_tokens: Any
 
 
 class Metrics(Observer):
@@ -54,6 +67,8 @@ class Metrics(Observer):
         #: This process's generations running and waiting now (what the gauges hold).
         self.now_running = 0
         self.now_queued = 0
+        self._request_metrics: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
+        self._model_metrics: dict[str, ModelMetrics] = {}
         self.requests = self._counter(
             "parlour_http_requests",
             "HTTP requests answered, by route template, dialect and status.",
@@ -173,8 +188,32 @@ class Metrics(Observer):
         self, *, route: str, method: str, dialect: str, status: int, seconds: float
     ) -> None:
         """Count one answered HTTP request."""
-        self.requests.labels(route, method, dialect, str(status)).inc()
-        self.request_seconds.labels(route, dialect).observe(seconds)
+        key = (route, method, dialect, status)
+        labelled = self._request_metrics.get(key)
+        if labelled is None:
+            if len(self._request_metrics) >= KEPT_LABELS:
+                self._request_metrics.clear()
+            labelled = self._request_metrics[key] = (
+                self.requests.labels(route, method, dialect, str(status)),
+                self.request_seconds.labels(route, dialect),
+            )
+        labelled[0].inc()
+        labelled[1].observe(seconds)
+
+    def of_model(self, model: str) -> ModelMetrics:
+        """The model's labelled turn metrics."""
+        labelled = self._model_metrics.get(model)
+        if labelled is None:
+            if len(self._model_metrics) >= KEPT_LABELS:
+                self._model_metrics.clear()
+            labelled = self._model_metrics[model] = ModelMetrics(
+                self.turn_seconds.labels(model),
+                self.first_token.labels(model),
+                self.prompt_evaluated.labels(model),
+                self.prompt_reused.labels(model),
+                self.completion_tokens.labels(model),
+            )
+        return labelled
 
     def watch_database(self, db: Database) -> None:
         """Time the statements every turn runs (queries.run), on SQLite and PostgreSQL.
@@ -279,10 +318,11 @@ class _MetricsWatch(Watch):
             m.now_running -= 1
         self.state = "done"
         label = model or "none"
+        labelled = m.of_model(label)
         now = time.perf_counter()
-        m.turn_seconds.labels(label).observe(now - self.began)
+        labelled.turn_seconds.observe(now - self.began)
         if self.first is not None:
-            m.first_token.labels(label).observe(self.first - self.began)
+            labelled.first_token.observe(self.first - self.began)
         result = self.result
         if m.multiprocess_dir is not None:
             m.refresh()  # other workers' scrapes read this process's state from its files
@@ -290,6 +330,6 @@ class _MetricsWatch(Watch):
             m.generations.labels(label, "not_started").inc()
             return
         m.generations.labels(label, result.finish_reason).inc()
-        m.prompt_evaluated.labels(label).inc(max(0, result.prompt_tokens - result.cached_tokens))
-        m.prompt_reused.labels(label).inc(result.cached_tokens)
-        m.completion_tokens.labels(label).inc(result.completion_tokens)
+        labelled.prompt_evaluated.inc(max(0, result.prompt_tokens - result.cached_tokens))
+        labelled.prompt_reused.inc(result.cached_tokens)
+        labelled.completion_tokens.inc(result.completion_tokens)

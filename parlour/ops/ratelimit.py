@@ -2,19 +2,18 @@
 
 Both are counters of the `limits` library in a storage every process shares: this
 process's memory on SQLite (one process), the database on PostgreSQL
-(parlour.ratelimit_storage), or any `limits` storage URI such as Redis. Requests count in
+(parlour.ops.ratelimit_storage), or any `limits` storage URI such as Redis. Requests count in
 fixed one-minute windows; tokens (prompt + completion, as the usage table records them)
-in a counter per UTC day, added when a generation's reply ends. The usage table itself
-is not summed per request: that costs time in proportion to the owner's turns of the day
+in a counter per UTC day, added when a generation's reply ends. How a process shares
+them without a statement per request: parlour.ops.counters. The usage table itself is not
+summed per request: that costs time in proportion to the owner's turns of the day
 (24 ms at 100,000 on PostgreSQL), a counter costs one statement.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
+import functools
 import math
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -29,27 +28,14 @@ from ..errors import Overloaded, RateLimited
 from ..settings import Settings
 from ..store.db import Database
 from ..turns.request import Generated
-from .logs import current_request
+from .counters import RequestSlots, TokenCounts
+from .logs import RequestWatch, current_request
 from .observe import Observer, Watch
 from .ratelimit_storage import DatabaseStorage
 
-#: Routes that start a generation; only these count against requests per minute.
-GENERATION_PATHS = frozenset(
-    {"/v1/chat/completions", "/v1/responses", "/api/kernel2/chat", "/chat", "/v1/chat"}
-)
-_MESSAGES_PATH = re.compile(r"^/conversations/[^/]+/messages/?$")
 DAY = 86_400.0
-#: Seconds within which a process writes the tokens it counted to the shared storage.
-FLUSH_S = 0.25
-
-log = logging.getLogger(__name__)
-
-
-def is_generation(method: str, path: str) -> bool:
-    """True for a request that asks the model for a reply."""
-    if method != "POST":
-        return False
-    return path.rstrip("/") in GENERATION_PATHS or _MESSAGES_PATH.match(path) is not None
+#: Seconds of a request window.
+MINUTE = RateLimitItemPerMinute(1).get_expiry()
 
 
 def duration(seconds: float) -> str:
@@ -125,9 +111,8 @@ class RateLimiter:
         self.storage = storage
         #: Seconds since the epoch; tests move it to the next day.
         self.clock = clock
-        #: Tokens counted here and not yet written: key -> (tokens, expiry in seconds).
-        self._pending: dict[str, tuple[int, int]] = {}
-        self._flusher: asyncio.Task[None] | None = None
+        self.slots = RequestSlots(storage)
+        self.tokens = TokenCounts(storage)
 
     def limits(self, principal: Principal) -> tuple[int | None, int | None]:
         """(requests per minute, tokens per day) for a principal; None: unlimited."""
@@ -141,23 +126,20 @@ class RateLimiter:
         rpm, tpd = self.limits(principal)
         if rpm is None and tpd is None:
             return Standing()
-        count, ends, used = await self._counts(principal, rpm, tpd, consume=consume)
+        who = _who(principal.key_id, principal.owner_id)
+        day, until_midnight = self._day(who)
         requests = tokens = None
+        used = None
         if rpm is not None:
-            reset = max(0.0, ends - time.time())
-            requests = Quota(limit=rpm, remaining=max(0, rpm - count), reset=reset)
-            if consume and count > rpm:
-                return Standing(
-                    requests=requests,
-                    refusal=RateLimited(
-                        f"Rate limit reached: {rpm} requests per minute. Try again in "
-                        f"{duration(reset)}.",
-                        retry_after=reset,
-                    ),
-                )
+            requests, refusal, used = await self._requests(who, rpm, consume, day)
+            if refusal is not None:
+                return Standing(requests=requests, refusal=refusal)
         if tpd is not None:
-            tokens = Quota(limit=tpd, remaining=max(0, tpd - used), reset=self._day(principal)[1])
-            if consume and used >= tpd:
+            if used is not None:
+                self.tokens.read(day, used)
+            spent = await self.tokens.used(day)
+            tokens = Quota(limit=tpd, remaining=max(0, tpd - spent), reset=until_midnight)
+            if consume and spent >= tpd:
                 return Standing(
                     requests=requests,
                     tokens=tokens,
@@ -170,94 +152,97 @@ class RateLimiter:
                 )
         return Standing(requests=requests, tokens=tokens)
 
-    async def _counts(
-        self, principal: Principal, rpm: int | None, tpd: int | None, *, consume: bool
-    ) -> tuple[int, float, int]:
-        """(requests in this minute's window with this one if `consume`, when the window
-        ends, tokens used today): FixedWindowRateLimiter.hit() and get_window_stats(), in
-        one statement where the storage can (the database)."""
-        item = RateLimitItemPerMinute(rpm or 1)
-        key = item.key_for("parlour", _who(principal)) if rpm is not None else None
-        day = self._day(principal)[0] if tpd is not None else None
-        storage = self.storage
-        unwritten = self._pending.get(day, (0, 0))[0] if day is not None else 0
-        if consume and key is not None and isinstance(storage, DatabaseStorage):
-            count, ends, used = await storage.hit(key, item.get_expiry(), also=day)
-            return count, ends, used + unwritten
-        count, ends, used = 0, 0.0, 0
-        if key is not None:
-            count = await (storage.incr(key, item.get_expiry()) if consume else storage.get(key))
-            ends = await storage.get_expiry(key)
-        if day is not None:
-            used = await storage.get(day)
-        return count, ends, used + unwritten
+    async def _requests(
+        self, who: str, rpm: int, consume: bool, day: str
+    ) -> tuple[Quota, RateLimited | None, int | None]:
+        """The request quota (this request taken from it with `consume`), the refusal if
+        none was left, and today's shared token count if the statement read it."""
+        key = _request_key(who, rpm)
+        used = None
+        if consume:
+            also = None if self.tokens.fresh(day) else day
+            window, taken, used = await self.slots.take(key, rpm, MINUTE, also=also)
+        else:
+            window, taken = await self.slots.peek(key), True
+        reset = max(0.0, window.ends - time.time())
+        quota = Quota(limit=rpm, remaining=max(0, rpm - window.used), reset=reset)
+        if taken:
+            return quota, None, used
+        refusal = RateLimited(
+            f"Rate limit reached: {rpm} requests per minute. Try again in {duration(reset)}.",
+            retry_after=reset,
+        )
+        return quota, refusal, used
 
-    def _day(self, principal: Principal) -> tuple[str, float]:
-        """The key of the principal's token counter today (UTC), and seconds until midnight."""
+    def _day(self, who: str) -> tuple[str, float]:
+        """The key of `who`'s token counter today (UTC), and seconds until midnight."""
         now = self.clock()
         day = int(now // DAY)  # days since the epoch: UTC days, as POSIX time has no leap seconds
-        return f"parlour/tokens/{_who(principal)}/{day}", (day + 1) * DAY - now
+        return _day_key(who, day), (day + 1) * DAY - now
 
     async def close(self) -> None:
         """Write the tokens not yet counted, and release the storage's connections."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
-        await self._flush()
+        await self.tokens.close()
         if isinstance(self.storage, DatabaseStorage):
             await self.storage.close()
 
     def spend(self, principal: Principal, tokens: int) -> None:
-        """Count a finished generation's tokens against the principal's quota for today.
-
-        This process sees them at once; they are written to the shared storage within
-        FLUSH_S, all of one key in one statement, so a busy key costs no write per request.
-        """
+        """Count a finished generation's tokens against the principal's quota for today:
+        this process sees them at once, the others within a second (TokenCounts)."""
         if tokens <= 0 or self.limits(principal)[1] is None:
             return
-        key, reset = self._day(principal)
+        key, reset = self._day(_who(principal.key_id, principal.owner_id))
         # Kept an hour past midnight, so a clock a little behind still finds today's.
-        amount, _expiry = self._pending.get(key, (0, 0))
-        self._pending[key] = (amount + tokens, math.ceil(reset) + 3600)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_soon())
-
-    async def _flush_soon(self) -> None:
-        await asyncio.sleep(FLUSH_S)
-        await self._flush()
-
-    async def _flush(self) -> None:
-        pending, self._pending = self._pending, {}
-        for key, (amount, expiry) in pending.items():
-            try:
-                await self.storage.incr(key, expiry, amount=amount)
-            except Exception:  # the storage is down: keep the tokens for the next flush
-                log.warning("could not count %d tokens for %s", amount, key, exc_info=True)
-                held, _ = self._pending.get(key, (0, expiry))
-                self._pending[key] = (held + amount, expiry)
+        self.tokens.spend(key, tokens, math.ceil(reset) + 3600)
 
 
-def _who(principal: Principal) -> str:
+@functools.lru_cache(maxsize=4096)
+def _who(key_id: uuid.UUID | None, owner_id: uuid.UUID) -> str:
     """Whose counters: the API key's, else the owner's (a JWT subject, the local owner)."""
-    return f"key:{principal.key_id}" if principal.key_id else f"owner:{principal.owner_id}"
+    return f"key:{key_id}" if key_id else f"owner:{owner_id}"
 
 
-class TokenMeter(Observer):
-    """Adds each generation's tokens to the request it serves (RequestInfo.tokens), for
-    the limits to count when the response ends."""
+@functools.lru_cache(maxsize=4096)
+def _request_key(who: str, rpm: int) -> str:
+    """The key of `who`'s request counter; it names the limit, so a key whose limit
+    changes starts a new count."""
+    return RateLimitItemPerMinute(rpm).key_for("parlour", who)
+
+
+@functools.lru_cache(maxsize=4096)
+def _day_key(who: str, day: int) -> str:
+    """The key of `who`'s token counter on a day (days since the epoch)."""
+    return f"parlour/tokens/{who}/{day}"
+
+
+class RequestMeter(Observer):
+    """Tells the request that starts a generation (its RequestWatch, when a route follows
+    it) that the generation began, what tokens it used and that it ended, even after
+    the response has gone."""
 
     def watch(self) -> Watch:
-        """A watch for the generation of the current request (if any)."""
-        return _MeterWatch()
+        """A watch for a generation the current request starts."""
+        info = current_request.get()
+        if info is None or info.watch is None:
+            return self._silent
+        info.watch.began()
+        return _MeterWatch(info.watch)
 
 
 class _MeterWatch(Watch):
-    __slots__ = ()
+    __slots__ = ("ended", "request")
+
+    def __init__(self, request: RequestWatch) -> None:
+        self.request = request
+        self.ended = False
 
     def generated(self, result: Generated) -> None:
-        info = current_request.get()
-        if info is not None:
-            info.tokens += result.prompt_tokens + result.completion_tokens
+        self.request.generated(result.prompt_tokens + result.completion_tokens)
+
+    def done(self, model: str | None) -> None:
+        if not self.ended:
+            self.ended = True
+            self.request.ended()
 
 
 class Admission:

@@ -86,11 +86,16 @@ class DatabaseStorage(Storage):
         row = await pool.fetchrow(_INCR, key, amount, float(expiry))
         return int(row[0]), float(row[1])
 
-    async def hit(self, key: str, expiry: int, *, also: str | None) -> tuple[int, float, int]:
-        """incr_window() by one, and the count of the key `also` (0 if none), in one
-        statement: (count, when the window ends, the other count)."""
+    async def hit(
+        self, key: str, expiry: int, *, amount: int = 1, also: str | None
+    ) -> tuple[int, float, int | None]:
+        """incr_window(), and the count of the key `also` (0 if none; None when `also` is
+        None), in one statement: (count, when the window ends, the other count)."""
+        if also is None:
+            count, ends = await self.incr_window(key, expiry, amount)
+            return count, ends, None
         pool = await self._connections()
-        row = await pool.fetchrow(_HIT, key, 1, float(expiry), also)
+        row = await pool.fetchrow(_HIT, key, amount, float(expiry), also)
         return int(row[0]), float(row[1]), int(row[2] or 0)
 
     async def get(self, key: str) -> int:
