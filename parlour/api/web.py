@@ -14,7 +14,7 @@ from starlette.responses import FileResponse, Response
 from ..errors import NotFound
 from ..store import queries
 from ..store.tables import Message
-from ..turns.plan import load_bot, system_parts
+from ..turns.plan import load_bot, model_name, system_parts
 from ..turns.request import BotRef
 from .conversations import (
     MAX_TITLE,
@@ -194,7 +194,8 @@ async def get_state(
             )
         )
         unfinished = {str(mid): str(reason) for mid, reason in ended}
-    backend = models.get(bot.model if bot and bot.model else row.model_tag).backend
+    # Named as a turn would choose it, but not waited for: the window is known while it loads.
+    backend = models.get(model_name(models, bot=bot, requested=None, stored=row.model_tag)).backend
     prompts = system_parts(bot, [row.system_prompt or ""], replaces=False)
     return ConversationState(
         id=row.id,

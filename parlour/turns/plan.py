@@ -67,18 +67,26 @@ def _uuid(text: str) -> uuid.UUID | None:
         return None
 
 
+def model_name(
+    models: ModelRegistry, *, bot: Bot | None, requested: str | None, stored: str | None
+) -> str | None:
+    """Which model answers: the bot's, else the requested one if configured, else the
+    conversation's (None: the default); an unknown requested name is refused only in
+    strict mode."""
+    if bot is not None and bot.model:
+        return bot.model
+    if requested and models.knows(requested):
+        return requested
+    if requested:
+        models.get(requested)  # raises ModelNotFound in strict mode
+    return stored
+
+
 def choose_model(
     models: ModelRegistry, *, bot: Bot | None, requested: str | None, stored: str | None
 ) -> LoadedModel:
-    """The bot's model, else the requested one if configured, else the conversation's (or
-    the default); an unknown requested name is refused only in strict mode."""
-    if bot is not None and bot.model:
-        return models.ready_model(bot.model)
-    if requested and models.knows(requested):
-        return models.ready_model(requested)
-    if requested:
-        models.get(requested)  # raises ModelNotFound in strict mode
-    return models.ready_model(stored)
+    """The model that answers (model_name), once it is loaded."""
+    return models.ready_model(model_name(models, bot=bot, requested=requested, stored=stored))
 
 
 def system_parts(bot: Bot | None, request: Sequence[str], *, replaces: bool) -> tuple[str, ...]:
