@@ -12,9 +12,7 @@ Two tables, every row measured in the same run:
    the upstream alone (what the load generator and one small server can do),
    parlour's `openai` backend (persisted turns, SQLite) and LiteLLM proxy (stateless,
    from a bench-only virtualenv, bench/.peers/litellm, that this script creates).
-3. `--only operations`: persisted turns with metrics and every limit off, then on
-   (requests per minute, tokens per day, queue bounds: set high enough never to refuse,
-   so every turn pays for checking and counting them), alternating for `--rounds`.
+(Metrics and limits off against on: `python -m bench.bench_operations_gateway`.)
 
 The load generator runs in this process: keep-alive HTTP/1.1 connections on asyncio
 streams (`--client httpx` uses httpx instead, which costs several times more CPU per
@@ -23,7 +21,7 @@ gives the server's own CPU time per request, which depends far less on that shar
 
     python bench/bench_gateway.py [--seconds 10] [--connections 1 16] [--paced 1000]
         [--turns-per-session 50] [--databases sqlite postgresql] [--no-litellm]
-        [--only persisted upstream operations] [--rounds 3]
+        [--only persisted upstream]
 """
 
 from __future__ import annotations
@@ -525,84 +523,6 @@ async def persisted(args: argparse.Namespace) -> list[Cell]:
     return cells
 
 
-#: Metrics and every limit off, and on (too high to refuse anything).
-OPERATIONS = {
-    "off": {"PARLOUR_METRICS": "0"},
-    "on": {
-        "PARLOUR_METRICS": "1",
-        "PARLOUR_REQUESTS_PER_MINUTE": "1000000000",
-        "PARLOUR_TOKENS_PER_DAY": "1000000000000",
-        "PARLOUR_MAX_QUEUE": "100000",
-        "PARLOUR_MAX_CONCURRENT_PER_OWNER": "100000",
-    },
-}
-
-
-async def operations_cells(label: str, url: str, args: argparse.Namespace) -> list[Cell]:
-    """Rows with operations off and on, alternating (the order flips every round)."""
-    cells: list[Cell] = []
-    data_dir = Path(tempfile.mkdtemp(prefix="bench-ops-"))
-    try:
-        for round_ in range(args.rounds):
-            order = ["off", "on"] if round_ % 2 == 0 else ["on", "off"]
-            for mode in order:
-                for n in args.connections:
-                    cell = Cell(f"{label}, metrics+limits {mode}", n, "own")
-                    load = Load(n, {}, 0, args.turns_per_session, args.client)
-                    server = parlour(
-                        url, data_dir, model="scripted", config=None, settings=OPERATIONS[mode]
-                    )
-                    try:
-                        with serving(server, "/health"):
-                            await measure(cell, server, load, args)
-                    except RuntimeError as exc:
-                        cell.failure = str(exc)[:200]
-                    cells.append(cell)
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
-    return cells
-
-
-def ratios(cells: list[Cell]) -> str:
-    """Median CPU per turn and throughput with operations on, relative to off."""
-    import statistics
-
-    lines = ["", "on / off (median of the rounds):"]
-    groups = sorted({(c.label.rsplit(", metrics", 1)[0], c.connections) for c in cells})
-    for label, n in groups:
-        mine = [c for c in cells if c.connections == n and c.label.startswith(label + ",")]
-        by_mode = {
-            mode: [c for c in mine if c.label.endswith(mode) and c.failure is None]
-            for mode in ("off", "on")
-        }
-        if not by_mode["off"] or not by_mode["on"]:
-            continue
-        cpu = {m: statistics.median(c.cpu_ms for c in cs) for m, cs in by_mode.items()}
-        rate = {m: statistics.median(c.rate for c in cs) for m, cs in by_mode.items()}
-        lines.append(
-            f"  {label}, {n} conn: CPU ms/turn {cpu['on']:.2f} / {cpu['off']:.2f} = "
-            f"{cpu['on'] / cpu['off']:.3f}; turns/s {rate['on']:.0f} / {rate['off']:.0f} = "
-            f"{rate['on'] / rate['off']:.3f}"
-        )
-    return "\n".join(lines)
-
-
-async def operations(args: argparse.Namespace) -> list[Cell]:
-    """The operations table: SQLite, then PostgreSQL."""
-    cells: list[Cell] = []
-    if "sqlite" in args.databases:
-        with tempfile.TemporaryDirectory(prefix="bench-sqlite-") as tmp:
-            url = f"sqlite+aiosqlite:///{tmp}/p.db"
-            cells += await operations_cells("parlour, SQLite", url, args)
-    if "postgresql" in args.databases:
-        try:
-            async with fresh_postgres() as url:
-                cells += await operations_cells("parlour, PostgreSQL", url, args)
-        except (OSError, asyncpg.PostgresError) as exc:
-            cells.append(Cell("parlour, PostgreSQL", 0, "-", failure=f"no PostgreSQL: {exc}"))
-    return cells
-
-
 async def gateway_rows(
     label: str,
     server: Server,
@@ -687,10 +607,6 @@ async def main(args: argparse.Namespace) -> None:
         cells = await upstream(args)
         title = f"In front of the same instant fake upstream ({UPSTREAM_WORDS}-word replies)"
         print(table(title, "req/s", cells))
-    if "operations" in args.only:
-        cells = await operations(args)
-        title = "Persisted turns, scripted backend: metrics and limits off and on"
-        print(table(title, "turns/s", cells) + ratios(cells))
     print(f"\nAfterwards: {machine()}.")
 
 
@@ -724,11 +640,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["persisted", "upstream", "operations"],
+        choices=["persisted", "upstream"],
         default=["persisted", "upstream"],
-    )
-    parser.add_argument(
-        "--rounds", type=int, default=3, help="off/on pairs of the operations table"
     )
     return parser.parse_args()
 
