@@ -17,14 +17,13 @@ from ..store.tables import Conversation, Message
 from ..turns.engine import Engine
 from ..turns.request import DEFAULT_TITLE
 from .deps import EngineDep, PrincipalDep
-from .errors import DialectRouter
-from .openai_protocol import error_body, json_body
+from .openai_protocol import json_body
 from .responses_protocol import (
-    ERRORS,
     ConversationCreate,
     ConversationUpdate,
     ItemsCreate,
     conversation_object,
+    dialect_router,
     item_list,
     item_text,
     message_id,
@@ -32,9 +31,7 @@ from .responses_protocol import (
     normalise_items,
 )
 
-router = DialectRouter(
-    limit_headers=True, tags=["responses"], render_error=error_body, responses=ERRORS
-)
+router = dialect_router()
 
 ConversationCreateBody = Annotated[ConversationCreate, json_body(ConversationCreate)]
 ConversationUpdateBody = Annotated[ConversationUpdate, json_body(ConversationUpdate)]

@@ -31,13 +31,12 @@ from .conversations_openai import (
     query_int,
 )
 from .deps import EngineDep, PrincipalDep, SettingsDep
-from .errors import DialectRouter
 from .guard import generation
-from .openai_protocol import error_body, json_body
+from .openai_protocol import json_body
 from .responses_protocol import (
-    ERRORS,
     TERMINAL_EVENTS,
     ResponseCreate,
+    dialect_router,
     echo_fields,
     item_message,
     item_text,
@@ -47,9 +46,7 @@ from .responses_protocol import (
 )
 from .responses_run import Draft, ResponseRunner, produce
 
-router = DialectRouter(
-    limit_headers=True, tags=["responses"], render_error=error_body, responses=ERRORS
-)
+router = dialect_router()
 
 
 def _closing(error: ParlourError) -> list[str]:

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..backends.base import ChatMessage
 from ..errors import InvalidRequest
 from ..store.tables import Message, StoredResponse
+from .errors import DialectRouter
+from .openai_protocol import error_body
 
 #: Roles an input message may have, and the role the model sees for each.
 MODEL_ROLES: dict[str, Literal["system", "user", "assistant"]] = {
@@ -359,3 +361,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     409: {"description": "The response is not in a state that allows this."},
     503: {"description": "The model is not loaded yet."},
 }
+
+
+def dialect_router() -> DialectRouter:
+    """A router of Responses or Conversations routes: OpenAI's errors and rate-limit
+    headers, documented under one tag."""
+    return DialectRouter(
+        limit_headers=True, tags=["responses"], render_error=error_body, responses=ERRORS
+    )
