@@ -98,6 +98,32 @@ async def test_concurrent_requests_share_the_blocks_they_take(storage: Storage) 
     assert [taken for _, taken, _ in results].count(True) == 10
 
 
+async def test_slots_of_blocks_taken_at_once_all_count(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Forty requests find no slot and ask the storage at the same time (the storage
+    # yields first, as a database does); every block granted must be kept.
+    for name in ("incr", "hit"):
+        method = getattr(storage, name, None)
+        if method is None:
+            continue
+
+        async def yielding(*args: Any, _method: Callable[..., Any] = method, **kw: Any) -> Any:
+            await asyncio.sleep(0)
+            return await _method(*args, **kw)
+
+        monkeypatch.setattr(storage, name, yielding)
+    slots = RequestSlots(storage)
+    results = await asyncio.gather(
+        *(slots.take("blocks", 500, MINUTE, also=None) for _ in range(40))
+    )
+    assert all(taken for _, taken, _ in results)
+    window = results[-1][0]
+    assert window.seen == 40 * block(500)  # every one took a block ...
+    assert window.used == 40  # ... and the slots left of them stay this process's
+    assert window.left == 40 * block(500) - 40
+
+
 async def test_a_full_window_refuses_without_asking_the_storage(storage: Storage) -> None:
     slots = RequestSlots(storage)
     for _ in range(2):
