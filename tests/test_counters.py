@@ -39,7 +39,7 @@ async def storage(database_url: str | None) -> AsyncIterator[Storage]:
 def counting(storage: Storage) -> list[str]:
     """Record each counter statement the storage runs (its name)."""
     calls: list[str] = []
-    for name in ("incr", "hit", "get"):
+    for name in ("incr", "incr_window", "get"):
         method = getattr(storage, name, None)
         if method is None:
             continue
@@ -62,10 +62,10 @@ def test_blocks_are_one_slot_for_small_limits_and_bounded_for_large(limit: int, 
 async def test_a_block_costs_one_statement(storage: Storage) -> None:
     calls = counting(storage)
     slots = RequestSlots(storage)
-    taken = [(await slots.take("busy", 10**9, MINUTE, also=None))[1] for _ in range(1000)]
+    taken = [(await slots.take("busy", 10**9, MINUTE))[1] for _ in range(1000)]
     assert all(taken)
-    assert len([c for c in calls if c in ("incr", "hit")]) == 1000 // block(10**9)
-    window = (await slots.take("busy", 10**9, MINUTE, also=None))[0]
+    assert len([c for c in calls if c in ("incr", "incr_window")]) == 1000 // block(10**9)
+    window = (await slots.take("busy", 10**9, MINUTE))[0]
     assert window.used == 1001  # one process: every slot handed out is accounted for
 
 
@@ -75,7 +75,7 @@ async def test_two_processes_never_exceed_the_limit_together(storage: Storage) -
     granted = {id(first): 0, id(second): 0}
     for _ in range(limit):
         for slots in (first, second):
-            if (await slots.take("shared", limit, MINUTE, also=None))[1]:
+            if (await slots.take("shared", limit, MINUTE))[1]:
                 granted[id(slots)] += 1
     total = sum(granted.values())
     # Never over; short of it by at most what one process holds unused (a block each).
@@ -86,16 +86,15 @@ async def test_two_processes_never_exceed_the_limit_together(storage: Storage) -
 async def test_exact_for_small_limits_across_processes(storage: Storage) -> None:
     first, second = RequestSlots(storage), RequestSlots(storage)
     taken = [
-        (await (first if i % 2 == 0 else second).take("small", 3, MINUTE, also=None))[1]
-        for i in range(6)
+        (await (first if i % 2 == 0 else second).take("small", 3, MINUTE))[1] for i in range(6)
     ]
     assert taken == [True, True, True, False, False, False]
 
 
 async def test_concurrent_requests_share_the_blocks_they_take(storage: Storage) -> None:
     slots = RequestSlots(storage)
-    results = await asyncio.gather(*(slots.take("burst", 10, MINUTE, also=None) for _ in range(40)))
-    assert [taken for _, taken, _ in results].count(True) == 10
+    results = await asyncio.gather(*(slots.take("burst", 10, MINUTE) for _ in range(40)))
+    assert [taken for _, taken in results].count(True) == 10
 
 
 async def test_slots_of_blocks_taken_at_once_all_count(
@@ -103,7 +102,7 @@ async def test_slots_of_blocks_taken_at_once_all_count(
 ) -> None:
     # Forty requests find no slot and ask the storage at the same time (the storage
     # yields first, as a database does); every block granted must be kept.
-    for name in ("incr", "hit"):
+    for name in ("incr", "incr_window"):
         method = getattr(storage, name, None)
         if method is None:
             continue
@@ -114,10 +113,8 @@ async def test_slots_of_blocks_taken_at_once_all_count(
 
         monkeypatch.setattr(storage, name, yielding)
     slots = RequestSlots(storage)
-    results = await asyncio.gather(
-        *(slots.take("blocks", 500, MINUTE, also=None) for _ in range(40))
-    )
-    assert all(taken for _, taken, _ in results)
+    results = await asyncio.gather(*(slots.take("blocks", 500, MINUTE) for _ in range(40)))
+    assert all(taken for _, taken in results)
     window = results[-1][0]
     assert window.seen == 40 * block(500)  # every one took a block ...
     assert window.used == 40  # ... and the slots left of them stay this process's
@@ -127,19 +124,19 @@ async def test_slots_of_blocks_taken_at_once_all_count(
 async def test_a_full_window_refuses_without_asking_the_storage(storage: Storage) -> None:
     slots = RequestSlots(storage)
     for _ in range(2):
-        await slots.take("full", 2, MINUTE, also=None)
+        await slots.take("full", 2, MINUTE)
     calls = counting(storage)
-    refused = [(await slots.take("full", 2, MINUTE, also=None))[1] for _ in range(5)]
+    refused = [(await slots.take("full", 2, MINUTE))[1] for _ in range(5)]
     assert refused == [False] * 5
     assert calls == []  # the last statement said every slot was handed out
 
 
 async def test_reading_a_window_uses_no_slot(storage: Storage) -> None:
     slots, other = RequestSlots(storage), RequestSlots(storage)
-    await slots.take("read", 3, MINUTE, also=None)
+    await slots.take("read", 3, MINUTE)
     window = await other.peek("read")
     assert window.used == 1 and window.left == 0
-    assert (await slots.take("read", 3, MINUTE, also=None))[0].used == 2
+    assert (await slots.take("read", 3, MINUTE))[0].used == 2
 
 
 async def test_tokens_spent_in_one_process_reach_the_other(

@@ -71,30 +71,26 @@ class RequestSlots:
         self.storage = storage
         self._windows: dict[str, Window] = {}
 
-    async def take(
-        self, key: str, limit: int, expiry: int, *, also: str | None
-    ) -> tuple[Window, bool, int | None]:
-        """One slot of `key`'s window: (the window, whether a slot was free, the shared
-        count of the key `also` when the statement read it too, else None)."""
+    async def take(self, key: str, limit: int, expiry: int) -> tuple[Window, bool]:
+        """One slot of `key`'s window: (the window, whether a slot was free)."""
         window = self._current(key)
         if window is not None and window.left > 0:
             window.left -= 1
-            return window, True, None
+            return window, True
         if window is not None and window.seen >= limit:
-            return window, False, None  # every slot of this window is handed out
+            return window, False  # every slot of this window is handed out
         amount = block(limit)
-        other = None
-        if isinstance(self.storage, DatabaseStorage):
-            count, ends, other = await self.storage.hit(key, expiry, amount=amount, also=also)
+        if isinstance(self.storage, DatabaseStorage):  # the count and the end in one statement
+            count, ends = await self.storage.incr_window(key, expiry, amount)
         else:
             count = await self.storage.incr(key, expiry, amount=amount)
             ends = await self.storage.get_expiry(key)
         granted = max(0, min(amount, limit - (count - amount)))
         window = self._merge(key, count, ends, granted)
         if window.left == 0:
-            return window, False, other
+            return window, False
         window.left -= 1
-        return window, True, other
+        return window, True
 
     async def peek(self, key: str) -> Window:
         """The key's window as this process knows it, read again once it is not fresh."""

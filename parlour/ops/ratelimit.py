@@ -129,14 +129,11 @@ class RateLimiter:
         who = _who(principal.key_id, principal.owner_id)
         day, until_midnight = self._day(who)
         requests = tokens = None
-        used = None
         if rpm is not None:
-            requests, refusal, used = await self._requests(who, rpm, consume, day)
+            requests, refusal = await self._requests(who, rpm, consume)
             if refusal is not None:
                 return Standing(requests=requests, refusal=refusal)
         if tpd is not None:
-            if used is not None:
-                self.tokens.read(day, used)
             spent = await self.tokens.used(day)
             tokens = Quota(limit=tpd, remaining=max(0, tpd - spent), reset=until_midnight)
             if consume and spent >= tpd:
@@ -153,26 +150,24 @@ class RateLimiter:
         return Standing(requests=requests, tokens=tokens)
 
     async def _requests(
-        self, who: str, rpm: int, consume: bool, day: str
-    ) -> tuple[Quota, RateLimited | None, int | None]:
-        """The request quota (this request taken from it with `consume`), the refusal if
-        none was left, and today's shared token count if the statement read it."""
+        self, who: str, rpm: int, consume: bool
+    ) -> tuple[Quota, RateLimited | None]:
+        """The request quota (this request taken from it with `consume`), and the refusal
+        if none was left."""
         key = _request_key(who, rpm)
-        used = None
         if consume:
-            also = None if self.tokens.fresh(day) else day
-            window, taken, used = await self.slots.take(key, rpm, MINUTE, also=also)
+            window, taken = await self.slots.take(key, rpm, MINUTE)
         else:
             window, taken = await self.slots.peek(key), True
         reset = max(0.0, window.ends - time.time())
         quota = Quota(limit=rpm, remaining=max(0, rpm - window.used), reset=reset)
         if taken:
-            return quota, None, used
+            return quota, None
         refusal = RateLimited(
             f"Rate limit reached: {rpm} requests per minute. Try again in {duration(reset)}.",
             retry_after=reset,
         )
-        return quota, refusal, used
+        return quota, refusal
 
     def _day(self, who: str) -> tuple[str, float]:
         """The key of `who`'s token counter today (UTC), and seconds until midnight."""

@@ -33,10 +33,6 @@ _INCR = (
     "THEN EXCLUDED.expires_at ELSE rate_limit_counters.expires_at END "
     "RETURNING hits, expires_at"
 )
-_HIT = (
-    f"WITH hit AS ({_INCR}) SELECT hit.hits, hit.expires_at, (SELECT hits FROM "
-    f"rate_limit_counters WHERE key = $4 AND expires_at > {_NOW}) FROM hit"
-)
 _GET = f"SELECT hits FROM rate_limit_counters WHERE key = $1 AND expires_at > {_NOW}"
 _EXPIRY = f"SELECT expires_at FROM rate_limit_counters WHERE key = $1 AND expires_at > {_NOW}"
 _CLEAR = "DELETE FROM rate_limit_counters WHERE key = $1"
@@ -85,18 +81,6 @@ class DatabaseStorage(Storage):
         pool = await self._connections()
         row = await pool.fetchrow(_INCR, key, amount, float(expiry))
         return int(row[0]), float(row[1])
-
-    async def hit(
-        self, key: str, expiry: int, *, amount: int = 1, also: str | None
-    ) -> tuple[int, float, int | None]:
-        """incr_window(), and the count of the key `also` (0 if none; None when `also` is
-        None), in one statement: (count, when the window ends, the other count)."""
-        if also is None:
-            count, ends = await self.incr_window(key, expiry, amount)
-            return count, ends, None
-        pool = await self._connections()
-        row = await pool.fetchrow(_HIT, key, amount, float(expiry), also)
-        return int(row[0]), float(row[1]), int(row[2] or 0)
 
     async def get(self, key: str) -> int:
         """The key's count in its current window (0 when none is open)."""
